@@ -1,0 +1,36 @@
+"""What a result was measured on and how to get it again: the machine and the exact command."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+
+
+def machine() -> str:
+    """CPU model, cores, memory and accelerator, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        mem = ""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def command(module: str) -> str:
+    """The command line that reproduces this Hydra run."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra run
+        overrides = sys.argv[1:]
+    return shlex.join(["python", "-m", module, *overrides])

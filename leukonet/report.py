@@ -1,0 +1,475 @@
+"""Turn predictions on one dataset into the files a hematology researcher reads.
+
+The same report is written at the end of training and by ``evaluate`` on any
+folder (e.g. an external dataset), so results from different runs and datasets
+can be compared file by file: ``metrics.json`` for machines, ``report.md`` and
+the PNG figures for people, ``predictions.csv`` for re-analysis.
+
+Metrics come from torchmetrics' functional API so they match what is logged
+during training. Where a per-class metric is undefined (recall of a class absent
+from the dataset, precision of a class never predicted) it is ``null`` in JSON
+and ``—`` in the tables, never NaN. Averages follow sklearn's
+``classification_report`` conventions: macro averages skip only classes that
+appear neither in the labels nor in the predictions; balanced accuracy is the
+mean recall over classes present in the labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import textwrap
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+DPI = 120
+THUMB_PX = 150  # gallery images are shrunk to about their on-figure size, which keeps the PNG small
+GALLERY_COLS = 8
+TOP_CONFUSIONS = 10
+_HISTORY_COLUMNS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_acc": "val/acc"}
+_PHASE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, macro/weighted F1, per-class table and confusion matrix.
+
+    ``y_true`` holds class indices (N,), ``probs`` class probabilities (N, C); the
+    prediction is the argmax. The result is JSON-able (plain floats, None for undefined).
+    """
+    target, preds, num_classes = _validated(y_true, probs, class_names)
+    kw: dict[str, Any] = {"num_classes": num_classes, "validate_args": False}
+    precision = multiclass_precision(preds, target, average=None, **kw)
+    recall = multiclass_recall(preds, target, average=None, **kw)
+    f1 = multiclass_f1_score(preds, target, average=None, **kw)
+    cm = multiclass_confusion_matrix(preds, target, **kw)
+
+    support = cm.sum(dim=1)
+    predicted = cm.sum(dim=0)
+    tp = cm.diagonal()
+    present = support > 0
+    per_class = {
+        name: {
+            "precision": _float(precision[i]) if predicted[i] > 0 else None,
+            "recall": _float(recall[i]) if present[i] else None,
+            "f1": _float(f1[i]) if support[i] + predicted[i] - tp[i] > 0 else None,
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    return {
+        "n": int(target.numel()),
+        "accuracy": _float(multiclass_accuracy(preds, target, average="micro", **kw)),
+        "balanced_accuracy": _float(recall[present].mean()),
+        "macro_precision": _float(multiclass_precision(preds, target, average="macro", **kw)),
+        "macro_recall": _float(multiclass_recall(preds, target, average="macro", **kw)),
+        "macro_f1": _float(multiclass_f1_score(preds, target, average="macro", **kw)),
+        "weighted_precision": _float(multiclass_precision(preds, target, average="weighted", **kw)),
+        "weighted_recall": _float(multiclass_recall(preds, target, average="weighted", **kw)),
+        "weighted_f1": _float(multiclass_f1_score(preds, target, average="weighted", **kw)),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def _validated(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Check shapes and label range; return (target, argmax preds, number of classes)."""
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    num_classes = len(class_names)
+    if y.ndim != 1 or y.size == 0:
+        raise ValueError(f"y_true must be a non-empty 1-D array, got shape {y.shape}")
+    if p.shape != (y.size, num_classes):
+        raise ValueError(f"probs must have shape ({y.size}, {num_classes}), got {p.shape}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"y_true holds labels outside 0..{num_classes - 1}")
+    return torch.as_tensor(y, dtype=torch.long), torch.as_tensor(p.argmax(axis=1)), num_classes
+
+
+def _float(x: torch.Tensor | float) -> float | None:
+    """Plain Python float rounded to 6 decimals (torchmetrics returns float32), or None for NaN/inf."""
+    value = float(x)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- history
+
+
+def read_history(metrics_csv: str | Path) -> list[dict]:
+    """Per-epoch rows {epoch, phase, train_loss, val_loss, val_acc} from a CSVLogger metrics.csv.
+
+    Rows are merged by epoch (values logged several times in an epoch, e.g. per step,
+    are averaged; the phase is the last one logged). Missing values are None.
+    """
+    groups: dict[int, dict[str, list[float]]] = {}
+    with open(metrics_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if not row.get("epoch"):
+                continue
+            group = groups.setdefault(int(float(row["epoch"])), defaultdict(list))
+            for key, column in {"phase": "phase", **_HISTORY_COLUMNS}.items():
+                # with on_step and on_epoch both set, Lightning suffixes the epoch value
+                cell = row.get(column) or row.get(f"{column}_epoch")
+                if cell:
+                    group[key].append(float(cell))
+
+    history = []
+    for epoch, group in sorted(groups.items()):
+        entry: dict[str, Any] = {"epoch": epoch, "phase": int(group["phase"][-1]) if group["phase"] else None}
+        for key in _HISTORY_COLUMNS:
+            entry[key] = float(np.mean(group[key])) if group[key] else None
+        history.append(entry)
+    return history
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    title: str,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    paths: Sequence[str],
+    class_names: Sequence[str],
+    history: list[dict] | None = None,
+    extra: dict | None = None,
+    gallery_size: int = 48,
+) -> dict:
+    """Write metrics.json, predictions.csv, figures and report.md into ``out_dir``; return the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    if len(paths) != len(y):
+        raise ValueError(f"got {len(paths)} paths for {len(y)} predictions")
+    extra = dict(extra or {})
+    metrics = compute_metrics(y, p, class_names)
+    if clash := sorted(set(extra) & {"title", *metrics}):
+        raise ValueError(f"extra would overwrite computed entries: {clash}")
+    metrics = {"title": title, **metrics, **_jsonable(extra)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+
+    pred = p.argmax(axis=1)
+    conf = p.max(axis=1)
+    _write_predictions(out / "predictions.csv", paths, y, pred, conf, p, class_names)
+    _plot_confusion(out / "confusion_matrix.png", np.array(metrics["confusion_matrix"]), class_names)
+    _plot_per_class(out / "per_class_metrics.png", metrics["per_class"])
+
+    # Remove figures a previous report in the same folder may have left, so none contradicts this one.
+    loss_png, gallery_png = out / "loss_curves.png", out / "misclassified.png"
+    loss_png.unlink(missing_ok=True)
+    gallery_png.unlink(missing_ok=True)
+    if history:
+        _plot_history(loss_png, history)
+
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")]
+    shown = wrong[:gallery_size]
+    if len(shown):
+        tiles = [(paths[i], f"{class_names[y[i]]} →\n{class_names[pred[i]]} ({conf[i]:.0%})") for i in shown]
+        _plot_gallery(gallery_png, tiles)
+
+    md = _markdown(metrics, extra, has_history=bool(history), n_wrong=len(wrong), n_shown=len(shown))
+    (out / "report.md").write_text(md, encoding="utf-8")
+    return metrics
+
+
+def _jsonable(value: Any) -> Any:
+    """Recursively convert numpy/Path/NaN values into what ``json.dumps(allow_nan=False)`` accepts."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def _write_predictions(
+    path: Path,
+    paths: Sequence[str],
+    y: np.ndarray,
+    pred: np.ndarray,
+    conf: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+) -> None:
+    """One row per image: path, true and predicted class, confidence, correct (1/0), probabilities."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        header = ["path", "true", "predicted", "confidence", "correct", *(f"prob_{c}" for c in class_names)]
+        writer.writerow(header)
+        for i, image_path in enumerate(paths):
+            writer.writerow(
+                [
+                    str(image_path),
+                    class_names[y[i]],
+                    class_names[pred[i]],
+                    f"{conf[i]:.6f}",
+                    int(pred[i] == y[i]),
+                    *(f"{v:.6f}" for v in probs[i]),
+                ]
+            )
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Save a figure at the report DPI, then clear it (a bare Figure is not tracked by pyplot, so no close)."""
+    fig.savefig(path, dpi=DPI)
+    fig.clear()
+
+
+def _plot_confusion(path: Path, cm: np.ndarray, class_names: Sequence[str]) -> None:
+    """Two panels: raw counts and row-normalised (recall per true class)."""
+    n = len(class_names)
+    side = 1.6 + 0.75 * n
+    fig = Figure(figsize=(2 * side + 1.6, side), layout="constrained")
+    ax_counts, ax_norm = fig.subplots(1, 2)
+    support = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(support > 0, cm / support, np.nan)
+
+    panels = (
+        (ax_counts, cm.astype(float), "Counts", lambda v: f"{int(v)}", max(cm.max(), 1)),
+        (ax_norm, norm, "Row-normalised (recall)", lambda v: f"{v:.2f}", 1.0),
+    )
+    for ax, values, heading, fmt, vmax in panels:
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=ax, shrink=0.75)
+        ax.set_title(heading)
+        ax.set_xticks(range(n), class_names, rotation=35, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), class_names)
+        ax.set_xlabel("Predicted")
+        ax.set_ylabel("True")
+        for r in range(n):
+            for c in range(n):
+                v = values[r, c]
+                label = "—" if np.isnan(v) else fmt(v)
+                dark = not np.isnan(v) and v > 0.55 * vmax
+                ax.text(c, r, label, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    _save(fig, path)
+
+
+def _plot_per_class(path: Path, per_class: dict[str, dict]) -> None:
+    """Grouped precision/recall/F1 bars per class with value labels; undefined values marked n/a."""
+    names = list(per_class)
+    x = np.arange(len(names))
+    width = 0.27
+    fig = Figure(figsize=(max(6.0, 1.5 * len(names) + 1.5), 4.2), layout="constrained")
+    ax = fig.subplots()
+    for k, (metric, label) in enumerate((("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"))):
+        values = [per_class[name][metric] for name in names]
+        xs = x + (k - 1) * width
+        bars = ax.bar(xs, [v or 0.0 for v in values], width, label=label)
+        for xi, bar, v in zip(xs, bars, values):
+            ax.text(xi, bar.get_height() + 0.01, "n/a" if v is None else f"{v:.2f}",
+                    ha="center", va="bottom", fontsize=7.5)
+    ax.set_xticks(x, [f"{name}\n(n={per_class[name]['support']})" for name in names])
+    ax.set_ylim(0, 1.08)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("Score")
+    ax.set_title("Per-class metrics", pad=24)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="lower center", ncols=3, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    _save(fig, path)
+
+
+def _plot_history(path: Path, history: list[dict]) -> None:
+    """Train/val loss and val accuracy per epoch, with training phases shaded and their boundary dashed."""
+    epochs = np.array([h["epoch"] + 1 for h in history])  # Lightning counts from 0
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+
+    def series(ax: Axes, key: str, label: str, style: str) -> None:
+        pts = [(e, h[key]) for e, h in zip(epochs, history) if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, markersize=3)
+
+    series(ax_loss, "train_loss", "train loss", "o-")
+    series(ax_loss, "val_loss", "val loss", "s-")
+    series(ax_acc, "val_acc", "val accuracy", "s-")
+
+    # Runs of consecutive epochs sharing a phase.
+    runs: list[tuple[Any, int, int]] = []
+    for e, h in zip(epochs, history):
+        if runs and runs[-1][0] == h.get("phase"):
+            runs[-1] = (runs[-1][0], runs[-1][1], e)
+        else:
+            runs.append((h.get("phase"), e, e))
+    for k, (phase, start, end) in enumerate(runs):
+        if phase is None:
+            continue
+        color = _PHASE_COLORS[k % len(_PHASE_COLORS)]
+        for ax in (ax_loss, ax_acc):
+            ax.axvspan(start - 0.5, end + 0.5, color=color, alpha=0.08, lw=0)
+        ax_loss.text((start + end) / 2, 1.0, f"phase {phase}", transform=ax_loss.get_xaxis_transform(),
+                     ha="center", va="bottom", fontsize=9, color=color, fontweight="bold")
+        if k > 0:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(start - 0.5, color="0.3", ls="--", lw=1)
+            ax_loss.text(start - 0.4, 0.97, f"phase {phase} starts\n(epoch {start})",
+                         transform=ax_loss.get_xaxis_transform(), ha="left", va="top", fontsize=8, color="0.3")
+
+    for ax, ylabel, legend_loc in ((ax_loss, "Loss", "upper right"), (ax_acc, "Val accuracy", "lower right")):
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=legend_loc)
+    ax_acc.set_xlabel("Epoch")
+    ax_acc.set_xlim(epochs.min() - 0.5, epochs.max() + 0.5)
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax_loss.set_title("Training history", pad=18)
+    _save(fig, path)
+
+
+def _thumbnail(image_path: str) -> np.ndarray | None:
+    """Small RGB array of an image, or None if it cannot be read."""
+    try:
+        with Image.open(image_path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((THUMB_PX, THUMB_PX))
+            return np.asarray(img)
+    except (OSError, ValueError):
+        return None
+
+
+def _plot_gallery(path: Path, tiles: list[tuple[str, str]]) -> None:
+    """Grid of images with two-line titles; unreadable images become a grey placeholder."""
+    cols = max(4, min(GALLERY_COLS, len(tiles)))  # wide enough for the title
+    rows = math.ceil(len(tiles) / cols)
+    fig = Figure(figsize=(1.35 * cols, 1.65 * rows + 0.45), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (image_path, label) in zip(axes, tiles):
+        thumb = _thumbnail(image_path)
+        if thumb is None:
+            ax.imshow(np.full((8, 8), 0.85), cmap="gray", vmin=0, vmax=1)
+            ax.text(3.5, 3.5, "image\nunreadable", ha="center", va="center", fontsize=7, color="0.3")
+        else:
+            ax.imshow(thumb)
+        ax.set_title(label, fontsize=7.5)
+    fig.suptitle("Misclassified, most confident first:\ntrue → predicted (confidence)", fontsize=9)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(value: float | None) -> str:
+    """Table cell for a score."""
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _cell(text: str) -> str:
+    """Escape a pipe so text stays inside its markdown table cell."""
+    return str(text).replace("|", "\\|")
+
+
+def _code(value: Any) -> str:
+    """Render a Run value verbatim: inline code, or a fenced block when it spans lines."""
+    text = value if isinstance(value, str) else json.dumps(_jsonable(value))
+    if "\n" in text:  # a fenced block, indented to stay inside the list item
+        return "\n\n" + textwrap.indent(f"```\n{text}\n```", "  ")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _markdown(metrics: dict, extra: dict, *, has_history: bool, n_wrong: int, n_shown: int) -> str:
+    """Assemble report.md from the metrics and the figures that were written."""
+    names = metrics["class_names"]
+    n = metrics["n"]
+    lines = [
+        f"# {metrics['title']}",
+        "",
+        f"**n = {n}** · accuracy **{metrics['accuracy']:.4f}** · "
+        f"balanced accuracy **{_fmt(metrics['balanced_accuracy'])}** · macro-F1 **{metrics['macro_f1']:.4f}**",
+        "",
+    ]
+    if "citation" in extra:
+        lines += ["## Data", "", str(extra["citation"]), ""]
+
+    lines += [
+        "## Per-class metrics",
+        "",
+        "| Class | Precision | Recall | F1-score | Support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"| {_cell(name)} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "
+                     f"{_fmt(row['f1'])} | {row['support']} |")
+    lines += [
+        f"| accuracy | | | {metrics['accuracy']:.4f} | {n} |",
+        f"| macro avg | {_fmt(metrics['macro_precision'])} | {_fmt(metrics['macro_recall'])} | "
+        f"{_fmt(metrics['macro_f1'])} | {n} |",
+        f"| weighted avg | {_fmt(metrics['weighted_precision'])} | {_fmt(metrics['weighted_recall'])} | "
+        f"{_fmt(metrics['weighted_f1'])} | {n} |",
+        "",
+        "Balanced accuracy is the mean recall over classes present in the data; — marks an undefined value "
+        "(no such images, or never predicted).",
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows: true class; columns: predicted class.",
+        "",
+        "| true \\ predicted | " + " | ".join(_cell(c) for c in names) + " | total |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    for name, row in zip(names, metrics["confusion_matrix"]):
+        lines.append(f"| **{_cell(name)}** | " + " | ".join(str(v) for v in row) + f" | {sum(row)} |")
+    lines += ["", "## Figures", "", "![Confusion matrix](confusion_matrix.png)", "",
+              "![Per-class metrics](per_class_metrics.png)", ""]
+    if has_history:
+        lines += ["![Loss curves](loss_curves.png)", ""]
+
+    lines += ["## Error analysis", ""]
+    if n_wrong == 0:
+        lines += ["No misclassified images.", ""]
+    else:
+        lines += [f"{n_wrong} of {n} images misclassified ({n_wrong / n:.1%}).", "", "Most common confusions:", ""]
+        cm = np.array(metrics["confusion_matrix"])
+        off = [(int(cm[r, c]), r, c) for r in range(len(names)) for c in range(len(names)) if r != c and cm[r, c]]
+        for k, r, c in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:TOP_CONFUSIONS]:
+            lines.append(f"- {names[r]} → {names[c]}: {k}")
+        if n_shown:
+            lines += ["", f"Gallery of {n_shown} of {n_wrong} misclassified images, most confident errors first:",
+                      "", "![Misclassified images](misclassified.png)"]
+        lines.append("")
+
+    run = {k: v for k, v in extra.items() if k != "citation"}
+    if run:
+        lines += ["## Run", ""]
+        lines += [f"- **{key}**: {_code(value)}" for key, value in run.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Train: ``python -m leukonet.train +experiment=two_phase [key=value ...]``.
+
+Composes data, model, callbacks, loggers and trainer from ``conf/``, fits both phases, measures
+the final model on validation (the value a sweep optimises) and test, and writes the report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from leukonet.finetune import TwoPhaseFinetuning
+from leukonet.provenance import command, machine
+from leukonet.report import read_history, write_report
+from leukonet.weights import WeightsNotFoundError
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def check_run_dir(output_dir: Path, resuming: bool) -> None:
+    """Never train over an earlier run's results silently."""
+    if not resuming and any((output_dir / name).exists() for name in ("checkpoints", "metrics.json")):
+        raise FileExistsError(
+            f"{output_dir} already holds a run; choose another directory (hydra.run.dir=...) "
+            f"or resume it with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}"
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment; return the final model's validation and test metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    check_run_dir(output_dir, resuming=cfg.ckpt_path is not None)
+    L.seed_everything(cfg.seed, workers=True)
+    started = time.perf_counter()
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(lg) for lg in cfg.logger.values() if lg is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_s, fit_epochs = time.perf_counter() - started, trainer.current_epoch
+
+    # the two-phase callback restored the best weights by validation loss: that is the final model
+    metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=datamodule, verbose=False)[0].items()}
+    if cfg.test:
+        metrics.update({k: float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()})
+        if trainer.is_global_zero:
+            _report(cfg, trainer, model, datamodule, callbacks, fit_epochs, fit_s, time.perf_counter() - started)
+    return metrics
+
+
+def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: float, wall_s: float) -> None:
+    output_dir = Path(cfg.paths.output_dir)
+    two_phase = next((c for c in callbacks if isinstance(c, TwoPhaseFinetuning)), None)
+    csv_logs = [lg for lg in trainer.loggers if isinstance(lg, L.pytorch.loggers.CSVLogger)]
+    # the CSV also holds the final validate/test rows: keep the training epochs
+    history = [h for h in read_history(Path(csv_logs[0].log_dir) / "metrics.csv") if h["epoch"] < fit_epochs] if csv_logs else None
+    test_entries = datamodule.entries("test")
+    boundary = two_phase.boundary_epoch if two_phase else None
+    extra = {
+        "dataset": datamodule.name,
+        "split": "test",
+        "citation": datamodule.citation,
+        "command": command("leukonet.train"),
+        "machine": machine(),
+        "backbone": model.hparams.backbone,
+        "weights": model.weights_source or "random initialisation",
+        "image_size": model.hparams.image_size,
+        "epochs": {"total": fit_epochs, "phase1": boundary, "phase2": fit_epochs - boundary if boundary else None},
+        "final_weights": two_phase.final_weights if two_phase else "last epoch",
+        "wall_s": round(wall_s, 1),
+        "fit_s": round(fit_s, 1),
+        "data_summary": datamodule.summary(),
+        "checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
+    }
+    write_report(
+        output_dir,
+        title=f"leukonet: {datamodule.name} test split, {model.hparams.backbone}",
+        y_true=[e.label for e in test_entries],
+        probs=torch.cat(model.test_probs).numpy(),
+        paths=[str(datamodule.path_of(e)) for e in test_entries],
+        class_names=model.hparams.class_names,
+        history=history,
+        extra=extra,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except (WeightsNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
