@@ -6,7 +6,6 @@ one split of that file (``split=test`` by default). Writes the same report as tr
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from leukonet.errors import DataError, exit_on_user_error
 from leukonet.model import CellClassifier
 from leukonet.provenance import command, machine
 from leukonet.report import write_report
@@ -27,13 +27,13 @@ def evaluate(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+        raise DataError(f"ckpt_path={ckpt} does not exist")
     model = CellClassifier.from_checkpoint(ckpt)
     split = cfg.split or ("test" if cfg.data.split_file else "all")
     overrides = {"image_size": model.hparams.image_size, "augment": None, "eval_batch_size": cfg.batch_size}
     if split == "all":
         if cfg.data.split_file:
-            raise ValueError("split=all scores every image under data.root: drop data.split_file, or name a split")
+            raise DataError("split=all scores every image under data.root: drop data.split_file, or name a split")
         overrides["split_fractions"] = (0.0, 0.0, 1.0)
     datamodule = instantiate(cfg.data, **overrides)
     datamodule.setup("test" if split == "all" else "validate")
@@ -67,11 +67,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ class Phase:
 
 
 class TwoPhaseFinetuning(BaseFinetuning):
-    """Phase 1: head only at ``phase1.lr``; phase 2: backbone joins as a new param group, every group at ``phase2.lr``."""
+    """Phase 1: head only at ``phase1.lr``; phase 2: backbone joins as a new param group, every group
+    at ``phase2.lr``. ``phase2_bn_stats``: keep the BatchNorm statistics of phase 1 ("frozen") or
+    let them follow the batches ("update") in phase 2."""
 
     def __init__(
         self,
@@ -36,13 +38,17 @@ class TwoPhaseFinetuning(BaseFinetuning):
         phase2: dict | None = None,
         monitor: str = "val/loss",
         min_delta: float = 0.0,
+        phase2_bn_stats: str = "frozen",
     ) -> None:
         super().__init__()
         self.phases = {
             1: Phase(**{"lr": 1e-3, "max_epochs": 30, "patience": 8, **(phase1 or {})}),
             2: Phase(**{"lr": 1e-5, "max_epochs": 30, "patience": 8, **(phase2 or {})}),
         }
+        if phase2_bn_stats not in ("update", "frozen"):
+            raise ValueError(f"phase2_bn_stats must be 'update' or 'frozen', got {phase2_bn_stats!r}")
         self.monitor, self.min_delta = monitor, min_delta
+        self.phase2_bn_frozen = phase2_bn_stats == "frozen"
         self.phase = 1
         self.switch_pending = False
         self.boundary_epoch: int | None = None
@@ -67,7 +73,7 @@ class TwoPhaseFinetuning(BaseFinetuning):
         lr = self.phases[2].lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        pl_module.unfreeze_backbone()
+        pl_module.unfreeze_backbone(bn_stats_frozen=self.phase2_bn_frozen)
         self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, lr=lr, train_bn=True)
         trainer = pl_module.trainer
         if pl_module.scheduler_factory is not None:  # a fresh schedule that knows the new group
@@ -79,7 +85,7 @@ class TwoPhaseFinetuning(BaseFinetuning):
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == 2 and not self.switch_pending:  # resumed in phase 2: the backbone trains
-            pl_module.unfreeze_backbone()
+            pl_module.unfreeze_backbone(bn_stats_frozen=self.phase2_bn_frozen)
             self.make_trainable(pl_module.backbone)
         elif not self._restarting:
             for optimizer in trainer.optimizers:

@@ -94,6 +94,7 @@ class CellClassifier(L.LightningModule):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone_frozen = False
+        self.bn_stats_frozen = False
         self.save_hyperparameters(
             {
                 "backbone": backbone,
@@ -140,15 +141,22 @@ class CellClassifier(L.LightningModule):
         self.backbone_frozen = True
         self.backbone.eval()
 
-    def unfreeze_backbone(self) -> None:
+    def unfreeze_backbone(self, bn_stats_frozen: bool = False) -> None:
+        """Let the backbone learn; with ``bn_stats_frozen`` its BatchNorm layers keep their running
+        statistics (eval mode) while their scale and shift still train."""
         self.backbone_frozen = False
-        self.backbone.train(self.training)
+        self.bn_stats_frozen = bn_stats_frozen
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> CellClassifier:
-        """Lightning switches modes around every validation; a frozen backbone stays in eval."""
+        """Lightning switches modes around every validation; frozen parts stay in eval mode."""
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
+        elif self.bn_stats_frozen:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +169,7 @@ class CellClassifier(L.LightningModule):
                 features = self.backbone(x)
         else:
             features = self.backbone(x)
-        return self.head(features)
+        return self.head(features).float()  # fp32 logits, also under bf16 autocast
 
     # -- Lightning steps ------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

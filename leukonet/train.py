@@ -6,7 +6,6 @@ the final model on validation (the value a sweep optimises) and test, and writes
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from leukonet.errors import RunExistsError, exit_on_user_error
 from leukonet.finetune import TwoPhaseFinetuning
 from leukonet.provenance import command, machine
 from leukonet.report import read_history, write_report
-from leukonet.weights import WeightsNotFoundError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -27,7 +26,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 def check_run_dir(output_dir: Path, resuming: bool) -> None:
     """Never train over an earlier run's results silently."""
     if not resuming and any((output_dir / name).exists() for name in ("checkpoints", "metrics.json")):
-        raise FileExistsError(
+        raise RunExistsError(
             f"{output_dir} already holds a run; choose another directory (hydra.run.dir=...) "
             f"or resume it with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}"
         )
@@ -99,11 +98,7 @@ def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except (WeightsNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    metrics = exit_on_user_error(lambda: train(cfg))
     return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
 
 

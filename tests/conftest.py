@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic datasets, Hydra composition, and the real data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from leukonet.data.synthetic import generate_dataset
+from leukonet.train import CONF
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """The real datasets: $LEUKONET_DATA, else ../shared/data beside the checkout."""
+    for candidate in (os.environ.get("LEUKONET_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "pbc-2500").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    found = shared_data()
+    if found is None:
+        pytest.skip("real data not found: set LEUKONET_DATA or place it in ../shared/data")
+    return found
+
+
+@pytest.fixture(scope="session")
+def cells(tmp_path_factory) -> Path:
+    """20 synthetic cells a class at 48 px, generated once per test session."""
+    return generate_dataset(tmp_path_factory.mktemp("synthetic") / "cells", n_per_class=20, size=48, seed=0)
+
+
+# Small and fast: a timm test backbone with BatchNorm, random weights, 32 px, short phases.
+TINY = [
+    "model.backbone=test_efficientnet",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "callbacks.two_phase.phase1.max_epochs=2",
+    "callbacks.two_phase.phase2.max_epochs=2",
+    "callbacks.two_phase.phase2.lr=1e-3",
+    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_cfg(config: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """Compose a config as the command line would, with the run directory pinned."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=config, overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
