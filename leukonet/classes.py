@@ -11,24 +11,26 @@ import re
 
 CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
-# Prefixes that identify a class once a name is lower-cased and stripped of
-# everything but letters. Longest first is not needed: the prefixes are disjoint.
-_PREFIXES: dict[str, str] = {
-    "bas": "basophil",
-    "eos": "eosinophil",
-    "lym": "lymphocyte",
-    "mon": "monocyte",
-    "neu": "neutrophil",
-}
-
-
 def canonical_class(name: str) -> str | None:
     """Return the class a folder or label name stands for, or None when it is none of ours.
 
+    Case, digits, punctuation and a plural ``s`` do not matter. A name counts if it is an
+    abbreviation of a class (at least three letters: ``neut``, ``lymp``) or contains exactly one
+    class name (``band_neutrophil``); blasts (``monoblast``, ``basophilic erythroblast``) and
+    names of two classes at once are not ours.
+
     >>> canonical_class("Neutrophils"), canonical_class("LYMP"), canonical_class("ig")
     ('neutrophil', 'lymphocyte', None)
+    >>> canonical_class("monoblast"), canonical_class("NEUTROPHIL, EOSINOPHIL")
+    (None, None)
     """
     letters = re.sub(r"[^a-z]", "", name.lower())
-    if len(letters) < 3:
+    for word in (letters, letters.removesuffix("s")):  # "eos" is an abbreviation, "monocytes" a plural
+        if len(word) >= 3:
+            for cls in CLASSES:
+                if cls.startswith(word):
+                    return cls
+    if "blast" in letters:
         return None
-    return _PREFIXES.get(letters[:3])
+    named = [cls for cls in CLASSES if cls in letters]
+    return named[0] if len(named) == 1 else None

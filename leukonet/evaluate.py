@@ -35,6 +35,7 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.data.split_file:
             raise DataError("split=all scores every image under data.root: drop data.split_file, or name a split")
         overrides["split_fractions"] = (0.0, 0.0, 1.0)
+        overrides["duplicates"] = "off"  # one split: nothing can leak
     datamodule = instantiate(cfg.data, **overrides)
     datamodule.setup("test" if split == "all" else "validate")
     entries = datamodule.entries("test" if split == "all" else split)

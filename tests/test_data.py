@@ -23,8 +23,9 @@ from leukonet.errors import DataError
         ("neutrophil", "neutrophil"), ("NEUTROPHIL", "neutrophil"), ("Neutrophils", "neutrophil"),
         ("neut", "neutrophil"), ("lymp", "lymphocyte"), ("Lymphocytes", "lymphocyte"),
         ("mono", "monocyte"), ("eosi", "eosinophil"), ("EOSINOPHIL", "eosinophil"),
-        ("baso", "basophil"), ("2_basophil", "basophil"),
-        ("ig", None), ("platelet", None), ("erythroblast", None), ("", None),
+        ("baso", "basophil"), ("2_basophil", "basophil"), ("EOS", "eosinophil"),
+        ("ig", None), ("platelet", None), ("erythroblast", None), ("", None), ("band_neutrophils", "neutrophil"),
+        ("monoblast", None), ("Lymphoblasts", None), ("basophilic erythroblast", None), ("NEUTROPHIL, EOSINOPHIL", None),
     ],
 )
 def test_class_aliases(name: str, expected: str | None) -> None:
@@ -124,3 +125,31 @@ def test_batches_are_uint8_images_of_the_configured_size(cells: Path, tmp_path: 
     dm = _datamodule(cells, tmp_path, augment={"flip": A.HorizontalFlip(p=0.5)}, batch_size=8)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 32, 32) and str(x.dtype) == "torch.uint8" and y.shape == (8,)
+
+
+def test_copies_of_one_picture_stay_in_one_split(cells: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(cells, copy)
+    originals = sorted((copy / "monocyte").glob("*.png"))
+    for i, src in enumerate(originals[:6]):  # six exact copies and one re-encoded near copy
+        shutil.copy(src, src.with_name(f"dup_{i}.png"))
+    Image.open(originals[7]).save(copy / "monocyte" / "near_7.jpg", quality=70)
+    dm = _datamodule(copy, tmp_path / "run")
+    split_of = {e.path: s for s in ("train", "val", "test") for e in dm.entries(s)}
+    assert len(dm.duplicate_groups) == 7
+    for group in dm.duplicate_groups:
+        assert len({split_of[p] for p in group}) == 1, group
+
+
+def test_a_split_file_that_leaks_is_refused_unless_allowed(cells: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(cells, copy)
+    _datamodule(copy, tmp_path / "a")
+    rows = (tmp_path / "a" / "split.csv").read_text().splitlines()
+    train_row = next(r for r in rows if r.endswith(",train") and "eosinophil" in r)
+    test_row = next(r for r in rows if r.endswith(",test") and "eosinophil" in r)
+    shutil.copy(copy / train_row.split(",")[0], copy / test_row.split(",")[0])  # a test image = a train image
+    with pytest.raises(DataError, match="span splits"):
+        _datamodule(copy, tmp_path / "b", split_file=str(tmp_path / "a" / "split.csv"))
+    with pytest.warns(UserWarning, match="span splits"):
+        _datamodule(copy, tmp_path / "c", split_file=str(tmp_path / "a" / "split.csv"), allow_leakage=True)
