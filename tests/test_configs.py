@@ -33,7 +33,7 @@ def test_two_phase_is_the_report_recipe(tmp_path: Path) -> None:
     assert list(cfg.data.split_fractions) == [0.7, 0.15, 0.15] and cfg.data.split_seed == 42
     phases = cfg.callbacks.two_phase
     assert (phases.phase1.lr, phases.phase1.max_epochs, phases.phase1.patience) == (1e-3, 30, 8)
-    assert (phases.phase2.lr, phases.phase2.patience) == (1e-5, 8)
+    assert (phases.phase2.lr, phases.phase2.patience, phases.phase2.max_epochs) == (1e-5, 8, 60)
     assert phases.monitor == "val/loss"
     aug = cfg.data.augment
     assert aug.rotate.limit == 180 and list(aug.crop.scale) == [0.75, 1.0]
