@@ -177,22 +177,22 @@ def write_report(
     pred = p.argmax(axis=1)
     conf = p.max(axis=1)
     _write_predictions(out / "predictions.csv", paths, y, pred, conf, p, class_names)
-    _plot_confusion(out / "confusion_matrix.png", np.array(metrics["confusion_matrix"]), class_names)
-    _plot_per_class(out / "per_class_metrics.png", metrics["per_class"])
+    plot_confusion(out / "confusion_matrix.png", np.array(metrics["confusion_matrix"]), class_names)
+    plot_per_class(out / "per_class_metrics.png", metrics["per_class"])
 
     # Remove figures a previous report in the same folder may have left, so none contradicts this one.
     loss_png, gallery_png = out / "loss_curves.png", out / "misclassified.png"
     loss_png.unlink(missing_ok=True)
     gallery_png.unlink(missing_ok=True)
     if history:
-        _plot_history(loss_png, history)
+        plot_history(loss_png, history)
 
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")]
     shown = wrong[:gallery_size]
     if len(shown):
         tiles = [(paths[i], f"{class_names[y[i]]} →\n{class_names[pred[i]]} ({conf[i]:.0%})") for i in shown]
-        _plot_gallery(gallery_png, tiles)
+        plot_gallery(gallery_png, tiles)
 
     md = _markdown(metrics, extra, has_history=bool(history), n_wrong=len(wrong), n_shown=len(shown))
     (out / "report.md").write_text(md, encoding="utf-8")
@@ -250,7 +250,7 @@ def _save(fig: Figure, path: Path) -> None:
     fig.clear()
 
 
-def _plot_confusion(path: Path, cm: np.ndarray, class_names: Sequence[str]) -> None:
+def plot_confusion(path: Path, cm: np.ndarray, class_names: Sequence[str]) -> None:
     """Two panels: raw counts and row-normalised (recall per true class)."""
     n = len(class_names)
     side = 1.6 + 0.75 * n
@@ -281,7 +281,7 @@ def _plot_confusion(path: Path, cm: np.ndarray, class_names: Sequence[str]) -> N
     _save(fig, path)
 
 
-def _plot_per_class(path: Path, per_class: dict[str, dict]) -> None:
+def plot_per_class(path: Path, per_class: dict[str, dict]) -> None:
     """Grouped precision/recall/F1 bars per class with value labels; undefined values marked n/a."""
     names = list(per_class)
     x = np.arange(len(names))
@@ -306,7 +306,7 @@ def _plot_per_class(path: Path, per_class: dict[str, dict]) -> None:
     _save(fig, path)
 
 
-def _plot_history(path: Path, history: list[dict]) -> None:
+def plot_history(path: Path, history: list[dict]) -> None:
     """Train/val loss and val accuracy per epoch, with training phases shaded and their boundary dashed."""
     epochs = np.array([h["epoch"] + 1 for h in history])  # Lightning counts from 0
     fig = Figure(figsize=(8, 6), layout="constrained")
@@ -365,7 +365,7 @@ def _thumbnail(image_path: str) -> np.ndarray | None:
         return None
 
 
-def _plot_gallery(path: Path, tiles: list[tuple[str, str]]) -> None:
+def plot_gallery(path: Path, tiles: list[tuple[str, str]]) -> None:
     """Grid of images with two-line titles; unreadable images become a grey placeholder."""
     cols = max(4, min(GALLERY_COLS, len(tiles)))  # wide enough for the title
     rows = math.ceil(len(tiles) / cols)

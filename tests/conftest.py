@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,24 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, as on the command line."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One short two-phase training run through `python -m leukonet.train`, shared by the session:
+    read it, or copy it before adding files."""
+    base = tmp_path_factory.mktemp("train")
+    proc = run_module(
+        "leukonet.train", "+experiment=demo", f"hydra.run.dir={base / 'run'}", f"paths.data_dir={base / 'data'}",
+        "data.synthetic_cfg.n_per_class=20", "data.synthetic_cfg.size=48", *TINY,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "run"
 
 
 def compose_cfg(config: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY, compose_cfg
+from conftest import TINY, compose_cfg
+from conftest import run_module as _run
 from leukonet.model import CellClassifier
 from leukonet.train import train
 
 FIGURES = ("confusion_matrix.png", "per_class_metrics.png")
-
-
-def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def _check_report(run: Path, title_word: str) -> dict:
@@ -34,18 +28,6 @@ def _check_report(run: Path, title_word: str) -> dict:
     assert title_word in (run / "report.md").read_text().splitlines()[0]
     assert "| Class | Precision | Recall | F1-score | Support |" in (run / "report.md").read_text()
     return metrics
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """One short two-phase training run through `python -m leukonet.train`."""
-    base = tmp_path_factory.mktemp("train")
-    proc = _run(
-        "leukonet.train", "+experiment=demo", f"hydra.run.dir={base / 'run'}", f"paths.data_dir={base / 'data'}",
-        "data.synthetic_cfg.n_per_class=20", "data.synthetic_cfg.size=48", *TINY,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return base / "run"
 
 
 def test_training_writes_report_checkpoints_and_logs(trained_run: Path) -> None:
