@@ -9,6 +9,7 @@ Lightning's bookkeeping of the added parameter group, so a resumed run gets its 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,18 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_prefixed_message
 from torch.optim import Optimizer
+
+from leukonet.distributed import rewrap_ddp
+
+log = logging.getLogger(__name__)
+
+
+def _say(trainer: L.Trainer, message: str) -> None:
+    """Every process logs its phase changes (under DDP each decides for itself), naming its rank.
+    Under Hydra they land in the run directory: train.log, train_ddp_process_<rank>.log."""
+    log.info(rank_prefixed_message(message, trainer.global_rank) if trainer.world_size > 1 else message)
 
 
 @dataclass
@@ -76,27 +87,29 @@ class TwoPhaseFinetuning(BaseFinetuning):
         pl_module.unfreeze_backbone(bn_stats_frozen=self.phase2_bn_frozen)
         self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, lr=lr, train_bn=True)
         trainer = pl_module.trainer
+        rewrap_ddp(trainer)  # DDP must average the backbone's gradients too
         if pl_module.scheduler_factory is not None:  # a fresh schedule that knows the new group
             for config in trainer.lr_scheduler_configs:
                 config.scheduler = pl_module.scheduler_factory(optimizer)
         self.switch_pending = False
-        rank_zero_info(f"[two-phase] epoch {epoch}: phase 2 starts, backbone unfrozen, lr {lr:g} for all layers")
+        _say(trainer, f"[two-phase] epoch {epoch}: phase 2 starts, backbone unfrozen, lr {lr:g} for all layers")
 
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == 2 and not self.switch_pending:  # resumed in phase 2: the backbone trains
             pl_module.unfreeze_backbone(bn_stats_frozen=self.phase2_bn_frozen)
             self.make_trainable(pl_module.backbone)
+            rewrap_ddp(trainer)
         elif not self._restarting:
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = self.phases[1].lr
-            rank_zero_info(f"[two-phase] phase 1: backbone frozen (BatchNorm in eval), head lr {self.phases[1].lr:g}")
+            _say(trainer, f"[two-phase] phase 1: backbone frozen (BatchNorm in eval), head lr {self.phases[1].lr:g}")
         super().on_fit_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        pl_module.log("phase", float(self.phase), on_step=False, on_epoch=True)
+        pl_module.log("phase", float(self.phase), on_step=False, on_epoch=True, sync_dist=True)  # same in all
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
@@ -112,12 +125,16 @@ class TwoPhaseFinetuning(BaseFinetuning):
         else:
             self.wait += 1
         phase = self.phases[self.phase]
-        if self.wait < phase.patience and self.epochs_in_phase < phase.max_epochs:
+        ends = self.wait >= phase.patience or self.epochs_in_phase >= phase.max_epochs
+        # under DDP all processes must end the phase together, or some would wait for the others forever:
+        # the monitored metric is synced, and the decision is reduced as Lightning's EarlyStopping does
+        if not trainer.strategy.reduce_boolean_decision(ends, all=False):
             return
         why = "patience ran out" if self.wait >= phase.patience else "epoch limit reached"
         if self.best_state is not None:
             pl_module.load_state_dict(self.best_state)
-        rank_zero_info(
+        _say(
+            trainer,
             f"[two-phase] phase {self.phase} ends at epoch {trainer.current_epoch} ({why}); restored the best "
             f"weights, epoch {self.best_epoch}, {self.monitor}={self.best_score:.4f}"
         )
@@ -132,7 +149,7 @@ class TwoPhaseFinetuning(BaseFinetuning):
         if p1 is not None and p1["state"] is not None and p1["score"] <= self.best_score:
             pl_module.load_state_dict(p1["state"])
             self.final_weights = f"phase 1, epoch {p1['epoch']} ({self.monitor}={p1['score']:.4f})"
-            rank_zero_info(f"[two-phase] phase 2 never beat phase 1: keeping the weights of {self.final_weights}")
+            _say(trainer, f"[two-phase] phase 2 never beat phase 1: keeping the weights of {self.final_weights}")
         else:
             self.final_weights = f"phase 2, epoch {self.best_epoch} ({self.monitor}={self.best_score:.4f})"
 

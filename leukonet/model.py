@@ -17,7 +17,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -27,6 +28,7 @@ from torchmetrics.classification import (
 )
 
 from leukonet.classes import CLASSES
+from leukonet.distributed import gather_rows, loader_indices
 from leukonet.weights import load_pretrained
 
 
@@ -121,6 +123,10 @@ class CellClassifier(L.LightningModule):
             }
         )
         self.val_confusion = MulticlassConfusionMatrix(n)
+        # mean loss per image over the whole split, summed over every process (DDP): early stopping and
+        # the phase switch read val/loss, and every process must see the same value to decide alike
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.test_probs: list[torch.Tensor] = []
 
     # -- building blocks ------------------------------------------------------------------
@@ -175,18 +181,20 @@ class CellClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
+        self.val_loss.update(F.cross_entropy(logits, y), len(y))
+        self.log("val/loss", self.val_loss, prog_bar=True)
         self.val_metrics.update(logits, y)
         self.val_confusion.update(logits, y)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # torchmetrics' compute() already counts every process's images; sync_dist says so to Lightning
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
         fig, _ = self.val_confusion.plot(labels=list(self.hparams.class_names))
         for logger in self.loggers:
@@ -198,7 +206,8 @@ class CellClassifier(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("test/loss", F.cross_entropy(logits, y), batch_size=len(y))
+        self.test_loss.update(F.cross_entropy(logits, y), len(y))
+        self.log("test/loss", self.test_loss)
         self.test_metrics.update(logits, y)
         self.test_per_class.update(logits, y)
         self.test_probs.append(logits.softmax(1).cpu())
@@ -207,13 +216,17 @@ class CellClassifier(L.LightningModule):
         self.test_probs = []
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)  # global already, as in validation
         per_class = self.test_per_class.compute()
         for name, values in per_class.items():
             for c, v in zip(self.hparams.class_names, values):
-                self.log(f"test/{name}_{c}", v)
+                self.log(f"test/{name}_{c}", v, sync_dist=True)
         self.test_metrics.reset()
         self.test_per_class.reset()
+        loader = self.trainer.test_dataloaders
+        if isinstance(loader, DataLoader):  # every image once, in dataset order, on every process (DDP)
+            mine = torch.cat(self.test_probs) if self.test_probs else torch.empty(0, len(self.hparams.class_names))
+            self.test_probs = [gather_rows(mine, loader_indices(loader), len(loader.dataset))]
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

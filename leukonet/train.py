@@ -13,9 +13,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from leukonet.errors import RunExistsError, exit_on_user_error
+from leukonet.distributed import job_processes
+from leukonet.errors import DataError, RunExistsError, exit_on_user_error
 from leukonet.finetune import TwoPhaseFinetuning
 from leukonet.provenance import command, machine
 from leukonet.report import read_history, write_report
@@ -36,6 +37,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return the final model's validation and test metrics."""
     output_dir = Path(cfg.paths.output_dir)
     check_run_dir(output_dir, resuming=cfg.ckpt_path is not None)
+    if cfg.ckpt_path == "last":
+        with open_dict(cfg):
+            cfg.ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise DataError(f"cannot resume: ckpt_path={cfg.ckpt_path} does not exist (resume a run with "
+                             f"hydra.run.dir=<its directory> ckpt_path=last)")
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
 
@@ -45,10 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(lg) for lg in cfg.logger.values() if lg is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     fit_s, fit_epochs = time.perf_counter() - started, trainer.current_epoch
 
     # the two-phase callback restored the best weights by validation loss: that is the final model
@@ -98,7 +102,8 @@ def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = exit_on_user_error(lambda: train(cfg))
+    with job_processes():  # under DDP (trainer=ddp) each job of a sweep starts and ends its own processes
+        metrics = exit_on_user_error(lambda: train(cfg))
     return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
 
 

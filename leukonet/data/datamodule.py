@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from leukonet.classes import CLASSES
 from leukonet.data import synthetic
@@ -31,20 +31,28 @@ from leukonet.data.citations import citation_for
 from leukonet.data.folder import Entry, load_rgb, scan_folder
 from leukonet.data.manifest import read_manifest
 from leukonet.data.split import SPLITS, read_split, stratified_split, write_split
-from leukonet.data.transforms import eval_transform, seed_worker, train_transform
+from leukonet.data.transforms import eval_transform, train_transform
+from leukonet.distributed import eval_sampler, train_sampler
 from leukonet.errors import DataError
+from leukonet.seeding import EpochShuffle, epoch_seed
 
 
 class CellDataset(Dataset):
-    """Decoded cells (N, H, W, 3 uint8) with labels; returns (uint8 CHW tensor, label)."""
+    """Decoded cells (N, H, W, 3 uint8) with labels; returns (uint8 CHW tensor, label).
 
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray, transform) -> None:
+    With ``seed`` set, image ``i`` is augmented with a generator seeded from (seed, epoch, i): the
+    same in every run, worker layout and resume."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, transform, seed: int | None = None) -> None:
         self.pixels, self.labels, self.transform = pixels, labels, transform
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.seed is not None:
+            self.transform.set_random_seed(epoch_seed(self.seed, self.epoch, i))
         return self.transform(image=self.pixels[i])["image"], int(self.labels[i])
 
 
@@ -69,6 +77,7 @@ class CellDataModule(L.LightningDataModule):
         augment: Mapping[str, A.BasicTransform | None] | None = None,
         output_dir: str | None = None,
         citation: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.synthetic_cfg = dict(synthetic_cfg or {})
@@ -89,6 +98,7 @@ class CellDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.augment = augment
+        self.seed = seed
         self.output_dir = Path(output_dir) if output_dir else None
         self.citation = citation or citation_for(self.name, self.is_synthetic)
         self.splits: dict[str, list[Entry]] = {}
@@ -126,17 +136,24 @@ class CellDataModule(L.LightningDataModule):
         for s in SPLITS:
             tf = train_transform(self.augment, self.image_size) if s == "train" else eval_transform(self.image_size)
             stacked = np.stack([pixels[e.path] for e in splits[s]]) if splits[s] else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-            self._data[s] = CellDataset(stacked, np.array([e.label for e in splits[s]], dtype=np.int64), tf)
+            labels = np.array([e.label for e in splits[s]], dtype=np.int64)
+            self._data[s] = CellDataset(stacked, labels, tf, seed=self.seed if s == "train" else None)
         self._write_outputs(scan_notes)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True)
+        """This epoch's shuffle and augmentation, from (seed, epoch). Lightning asks for it every epoch
+        (``trainer.reload_dataloaders_every_n_epochs=1``), resumed epochs included."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        self._data["train"].epoch = epoch
+        shuffle = EpochShuffle(len(self._data["train"]), self.seed, epoch)
+        return self.loader("train", sampler=train_sampler(shuffle, self.trainer))  # under DDP: this process's share
 
+    # under DDP each process scores its own share of the images, none twice (leukonet.distributed)
     def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
+        return self.loader("val", sampler=eval_sampler(self._data["val"], self.trainer, "val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader("test")
+        return self.loader("test", sampler=eval_sampler(self._data["test"], self.trainer, "test"))
 
     # -- helpers -----------------------------------------------------------------------
     def entries(self, split: str) -> list[Entry]:
@@ -198,15 +215,17 @@ class CellDataModule(L.LightningDataModule):
                 pixels[e.path] = r
         return pixels
 
-    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
+        train = split == "train"
         return DataLoader(
             self._data[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
-            worker_init_fn=seed_worker,
-            drop_last=shuffle and len(self._data[split]) > self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),  # workers' seeds: not from the global generator
+            # this process's share under DDP: a share smaller than a batch must still train
+            drop_last=train and len(sampler if sampler is not None else self._data[split]) > self.batch_size,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import albumentations as A
-import torch
 from albumentations.pytorch import ToTensorV2
 
 
@@ -23,14 +22,3 @@ def train_transform(augment: Mapping[str, A.BasicTransform | None] | None, image
 def eval_transform(image_size: int) -> A.Compose:
     """Deterministic: resize the whole cell image to ``image_size``."""
     return A.Compose([A.Resize(image_size, image_size), ToTensorV2()])
-
-
-def seed_worker(worker_id: int) -> None:
-    """Give each data-loader worker its own augmentation stream, derived from torch's seed.
-
-    Albumentations keeps its own generator; forked workers would otherwise all copy the same
-    state and repeat each other's augmentations.
-    """
-    info = torch.utils.data.get_worker_info()
-    if info is not None and isinstance(getattr(info.dataset, "transform", None), A.Compose):
-        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
