@@ -41,7 +41,10 @@ def evaluate(cfg: DictConfig) -> dict:
     entries = datamodule.entries("test" if split == "all" else split)
     loader = datamodule.loader("test" if split == "all" else split)
 
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=True, enable_checkpointing=False)
+    if cfg.compile:
+        model.backbone.compile()
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=cfg.precision, logger=False,
+                        enable_progress_bar=True, enable_checkpointing=False)
     probs = torch.cat(trainer.predict(model, dataloaders=loader)).numpy()
     what = "all images" if split == "all" else f"{split} split"
     return write_report(

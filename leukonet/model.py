@@ -78,6 +78,7 @@ class CellClassifier(L.LightningModule):
         scheduler_monitor: str = "val/loss",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         head = {"kind": "linear", "dropout": 0.0, "hidden": 512, **(head or {})}
@@ -112,6 +113,8 @@ class CellClassifier(L.LightningModule):
         )
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile:  # in place: the state dict keeps its keys; compiled on the first batch, again at phase 2
+            self.backbone.compile()
         n = len(class_names)
         self.val_metrics = _metrics(n, "val/")
         self.test_metrics = _metrics(n, "test/")

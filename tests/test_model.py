@@ -38,3 +38,14 @@ def test_a_frozen_backbone_stays_in_eval_mode_through_train() -> None:
     model.unfreeze_backbone()
     model.train()
     assert all(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_compile_switch_keeps_checkpoint_keys_and_outputs() -> None:
+    plain = CellClassifier(backbone="test_efficientnet", pretrained=False).eval()
+    compiled = CellClassifier(backbone="test_efficientnet", pretrained=False, compile=True).eval()
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints stay interchangeable
+    compiled.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), plain(x), atol=1e-4)
+    assert compiled.backbone._compiled_call_impl is not None and plain.backbone._compiled_call_impl is None
