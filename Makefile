@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install run demo test test-fast evaluate tensorboard clean
+.PHONY: install browser run demo test test-fast evaluate tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,18 @@ run: install
 demo: install
 	$(PY) -m leukonet.train +experiment=demo $(ARGS)
 
-test: install
+## the web page's browser test drives Debian's chromium (Playwright downloads no browser): installed when
+## missing and apt-get can (root, or password-less sudo); otherwise that one test is skipped, never the build
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then AS=""; elif sudo -n true 2>/dev/null; then AS="sudo -n"; else AS=no; fi; \
+	  if [ "$$AS" = no ]; then echo "chromium not installed and not root: tests/test_serve.py's browser test will be skipped"; \
+	  else echo "installing chromium (apt-get) for the browser test"; \
+	    { $$AS apt-get update -qq && $$AS env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	      || echo "could not install chromium: the browser test will be skipped"; fi; \
+	fi
+
+test: install browser
 	$(PY) -m pytest $(ARGS)
 
 evaluate: install

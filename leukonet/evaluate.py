@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from leukonet.errors import DataError, exit_on_user_error
+from leukonet.explain import explainer
 from leukonet.model import CellClassifier
 from leukonet.provenance import command, machine
 from leukonet.report import write_report
@@ -66,6 +67,10 @@ def evaluate(cfg: DictConfig) -> dict:
             "wall_s": round(time.perf_counter() - started, 1),
             "data_summary": datamodule.summary(),
         },
+        explain=explainer(model),
+        # the checkpoint's temperature and review threshold (fitted on its validation split; T = 1 and none
+        # for checkpoints from before calibration)
+        calibration={"temperature": float(model.temperature), "review_threshold": model.chosen_review_threshold()},
     )
 
 

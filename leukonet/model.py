@@ -95,6 +95,11 @@ class CellClassifier(L.LightningModule):
                                len(class_names), head["dropout"], head["hidden"])
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        # calibration, fitted on the validation split after training (leukonet.calibration); saved in checkpoints:
+        # probabilities are softmax(logits / temperature); cells whose calibrated confidence is below
+        # review_threshold are flagged needs_review (negative: none chosen, as in checkpoints from before)
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("review_threshold", torch.tensor(-1.0))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone_frozen = False
         self.bn_stats_frozen = False
@@ -131,6 +136,7 @@ class CellClassifier(L.LightningModule):
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_loss = MeanMetric(nan_strategy="disable")
         self.test_probs: list[torch.Tensor] = []
+        self.val_logits: list[torch.Tensor] = []  # kept by trainer.validate only (not while fitting): calibration
 
     # -- building blocks ------------------------------------------------------------------
     @classmethod
@@ -140,9 +146,22 @@ class CellClassifier(L.LightningModule):
         hp = dict(ckpt["hyper_parameters"])
         hp.pop("weights_source", None)
         model = cls(pretrained=False, **hp)
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(_with_calibration(ckpt["state_dict"]))
         model.weights_source = ckpt["hyper_parameters"].get("weights_source")
         return model.eval()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints from before calibration lack its buffers: temperature 1, no review threshold."""
+        _with_calibration(checkpoint["state_dict"])
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits divided by the fitted temperature: their softmax is the calibrated probabilities."""
+        return logits / self.temperature
+
+    def chosen_review_threshold(self) -> float | None:
+        """The review threshold chosen on validation, or None (a checkpoint from before calibration)."""
+        t = float(self.review_threshold)
+        return t if t >= 0 else None
 
     def freeze_backbone(self) -> None:
         """No gradients into the backbone and its BatchNorm statistics fixed (eval mode)."""
@@ -194,6 +213,11 @@ class CellClassifier(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.val_metrics.update(logits, y)
         self.val_confusion.update(logits, y)
+        if self.trainer.state.fn == "validate":
+            self.val_logits.append(logits.detach().float().cpu())
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_logits = []
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics' compute() already counts every process's images; sync_dist says so to Lightning
@@ -205,6 +229,10 @@ class CellClassifier(L.LightningModule):
                 logger.experiment.add_figure("val/confusion_matrix", fig, self.current_epoch)
         plt.close(fig)
         self.val_confusion.reset()
+        loader = self.trainer.val_dataloaders
+        if self.trainer.state.fn == "validate" and isinstance(loader, DataLoader):  # every image once, dataset order
+            mine = torch.cat(self.val_logits) if self.val_logits else torch.empty(0, len(self.hparams.class_names))
+            self.val_logits = [gather_rows(mine, loader_indices(loader), len(loader.dataset))]
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -246,3 +274,10 @@ class CellClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "monitor": self.hparams.scheduler_monitor},
         }
+
+
+def _with_calibration(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with the calibration buffers' defaults filled in where missing (old checkpoints)."""
+    state_dict.setdefault("temperature", torch.tensor(1.0))
+    state_dict.setdefault("review_threshold", torch.tensor(-1.0))
+    return state_dict

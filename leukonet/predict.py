@@ -19,15 +19,18 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 from scipy.stats import beta
 
+from leukonet import ood
 from leukonet.data.cells import TRAINING_FRACTION, crop_cell, find_cells
 from leukonet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from leukonet.data.transforms import eval_transform
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
+from leukonet.explain import heatmaps, overlay
 from leukonet.model import CellClassifier
 from leukonet.train import CONF
 
@@ -41,6 +44,7 @@ class Cell:
     x: float | None
     y: float | None
     pixels: np.ndarray
+    nucleus: bool | None = None  # the cell finder saw a leukocyte's nucleus in it (None: not looked yet)
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -74,8 +78,8 @@ def cells_of(image: np.ndarray, file: str, fields: str) -> list[Cell]:
         return [Cell(file, None, None, None, image)]
     found = find_cells(image)
     if not found or (fields == "auto" and not is_field(image, found)):
-        return [Cell(file, None, None, None, image)]
-    return [Cell(file, i, round(c.x, 1), round(c.y, 1), crop_cell(image, c, TRAINING_FRACTION))
+        return [Cell(file, None, None, None, image, bool(found))]
+    return [Cell(file, i, round(c.x, 1), round(c.y, 1), crop_cell(image, c, TRAINING_FRACTION), True)
             for i, c in enumerate(found)]
 
 
@@ -103,11 +107,60 @@ class Predictor:
         self.class_names = list(self.model.hparams.class_names)
         self.transform = eval_transform(self.model.hparams.image_size)
         self.bf16 = precision.startswith("bf16")
+        self.temperature = float(self.model.temperature)  # fitted on validation after training; 1 in old checkpoints
+        self.review_threshold = self.model.chosen_review_threshold()  # None in checkpoints from before calibration
+        self.ood = ood.load(ckpt_path)  # feature statistics for the not-a-leukocyte check; None in older checkpoints
+
+    def classify(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and ``ood_score`` (``leukonet.ood``; None without the checkpoint's statistics), from one
+        forward pass."""
+        x = torch.stack([self.transform(image=im)["image"] for im in images])
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            feats = ood.pooled(self.model, x)
+            probs = self.model.calibrated(self.model.head(feats).float()).softmax(1).numpy()
+        return probs, ood.score(feats.float(), self.ood)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         x = torch.stack([self.transform(image=im)["image"] for im in images])
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x).float().softmax(1).numpy()
+            return self.model.calibrated(self.model(x).float()).softmax(1).numpy()
+
+
+def assess(predictor, cells: list[Cell]) -> tuple[np.ndarray, list[dict]]:
+    """Probabilities of ``cells`` and, per cell, ``{"ood_score", "not_a_leukocyte", "ood_reason"}`` (``leukonet.ood``):
+    flagged when the cell finder sees no nucleus or, with a checkpoint that holds feature statistics, when the
+    features are far from every class's training cells. ``ood_score`` is None where the model part is skipped
+    (old checkpoints, ONNX models)."""
+    images = [c.pixels for c in cells]
+    if hasattr(predictor, "classify"):
+        probs, scores = predictor.classify(images)
+    else:
+        probs, scores = predictor.probabilities(images), None
+    out = []
+    for i, cell in enumerate(cells):
+        nucleus = cell.nucleus if cell.nucleus is not None else ood.has_leukocyte(cell.pixels)
+        s = None if scores is None else round(float(scores[i]), 4)
+        flagged, reason = ood.verdict(nucleus, s)
+        out.append({"ood_score": s, "not_a_leukocyte": flagged, "ood_reason": reason})
+    return probs, out
+
+
+def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str = "32-true"):
+    """``Predictor`` for a checkpoint (``runtime=torch``), ``leukonet.onnx_runtime.OnnxPredictor`` for a model
+    exported with ``python -m leukonet.export`` (``runtime=onnx``, ONNX Runtime on the CPU, fp32)."""
+    runtime, is_onnx = str(runtime).lower(), str(ckpt_path).lower().endswith(".onnx")
+    if runtime == "onnx":
+        if not is_onnx:
+            raise DataError(f"runtime=onnx runs an exported model: export it first (python -m leukonet.export "
+                            f"ckpt_path={ckpt_path}) and give ckpt_path=RUN/model.onnx")
+        from leukonet.onnx_runtime import OnnxPredictor
+
+        return OnnxPredictor(ckpt_path)
+    if runtime != "torch":
+        raise DataError(f"runtime must be torch or onnx, got {runtime!r}")
+    if is_onnx:
+        raise DataError(f"ckpt_path={ckpt_path} is an ONNX model: add runtime=onnx")
+    return Predictor(ckpt_path, precision)
 
 
 def _batches(files: list[Path], fields: str, batch_size: int, unreadable: list[dict], progress: bool) -> Iterator[list[Cell]]:
@@ -126,35 +179,83 @@ def _batches(files: list[Path], fields: str, batch_size: int, unreadable: list[d
         yield batch
 
 
+def _save_heatmaps(model: CellClassifier, batch: list[Cell], classes: list[int], folder: Path, used: set[str]) -> list[str]:
+    """Grad-CAM overlay of each cell's predicted class as ``folder/<file stem>[_cell<k>].png`` (``-2``, ``-3``, ...
+    appended when files in different folders share a stem); returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cell, heat in zip(batch, heatmaps(model, [c.pixels for c in batch], classes)):
+        base = Path(cell.file).stem + ("" if cell.index is None else f"_cell{cell.index}")
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name)
+        Image.fromarray(overlay(cell.pixels, heat)).save(folder / f"{name}.png")
+        paths.append(str(folder / f"{name}.png"))
+    return paths
+
+
+FALLBACK_REVIEW_THRESHOLD = 0.9  # for checkpoints from before calibration, which hold no threshold
+
+
+def _review_threshold(configured: float | None, predictor: Predictor) -> tuple[float, str]:
+    """The threshold below which a cell is flagged, and where it comes from: a number given on the command
+    line, else the checkpoint's (chosen on validation), else 0.9 for checkpoints that hold none."""
+    if configured is not None:
+        return float(configured), "config"
+    if predictor.review_threshold is not None:
+        return predictor.review_threshold, "checkpoint"
+    return FALLBACK_REVIEW_THRESHOLD, "default (the checkpoint holds none)"
+
+
 def predict(cfg: DictConfig) -> dict:
     """Classify every cell of ``cfg.input``; write the per-cell CSV and the differential count."""
-    if cfg.fields not in ("auto", "true", "false"):
+    if str(cfg.fields).lower() not in ("auto", "true", "false"):  # fields=false on the command line is a bool
         raise DataError(f"fields must be auto, true or false, got {cfg.fields!r}")
     out_dir = Path(cfg.paths.output_dir)
     csv_path = Path(cfg.output) if cfg.output else out_dir / "predictions.csv"
     if csv_path.exists():
         raise RunExistsError(f"{csv_path} exists; choose another output=... or hydra.run.dir=...")
-    predictor = Predictor(cfg.ckpt_path, cfg.precision)
+    runtime = str(cfg.get("runtime", "torch")).lower()
+    if runtime == "onnx" and cfg.get("explain", False):
+        raise DataError("explain=true needs runtime=torch: Grad-CAM takes gradients of the PyTorch model")
+    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision)
+    threshold, threshold_from = _review_threshold(cfg.get("review_threshold"), predictor)
     names = predictor.class_names
     files = input_files(cfg.input)
     unreadable: list[dict] = []
     rows = []
+    explain, used = bool(cfg.get("explain", False)), set()
     for batch in _batches(files, str(cfg.fields).lower(), cfg.batch_size, unreadable, cfg.progress):
-        for cell, p in zip(batch, predictor.probabilities([c.pixels for c in batch])):
-            k = int(p.argmax())
+        probs, checks = assess(predictor, batch)
+        heat = (_save_heatmaps(predictor.model, batch, probs.argmax(1).tolist(), csv_path.parent / "heatmaps", used)
+                if explain else [None] * len(batch))
+        for cell, p, heat_png, check in zip(batch, probs, heat, checks):
+            k, flagged = int(p.argmax()), check["not_a_leukocyte"]
+            # a flagged input gets no class and is not counted; needs_review is for the leukocytes
             rows.append({"file": cell.file, "cell": "" if cell.index is None else cell.index,
                          "x": "" if cell.x is None else cell.x, "y": "" if cell.y is None else cell.y,
-                         "predicted": names[k], **{f"p_{n}": round(float(q), 6) for n, q in zip(names, p)},
-                         "confidence": round(float(p[k]), 6), "needs_review": bool(p[k] < cfg.review_threshold)})
+                         "predicted": "" if flagged else names[k], **{f"p_{n}": round(float(q), 6) for n, q in zip(names, p)},
+                         "confidence": round(float(p[k]), 6), "needs_review": bool(not flagged and p[k] < threshold),
+                         "not_a_leukocyte": flagged, "ood_score": "" if check["ood_score"] is None else check["ood_score"],
+                         "ood_reason": check["ood_reason"]})
+            if explain:
+                rows[-1]["heatmap"] = heat_png
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "cell", "x", "y", "predicted", *(f"p_{n}" for n in names),
-                                               "confidence", "needs_review"])
+                                               "confidence", "needs_review", "not_a_leukocyte", "ood_score", "ood_reason"]
+                                + (["heatmap"] if explain else []))
         writer.writeheader()
         writer.writerows(rows)
-    count = differential([r["predicted"] for r in rows], names)
-    summary = {"input": str(cfg.input), "checkpoint": str(cfg.ckpt_path), "files": len(files), "cells": len(rows),
-               "needs_review": sum(r["needs_review"] for r in rows), "review_threshold": cfg.review_threshold,
+    count = differential([r["predicted"] for r in rows if not r["not_a_leukocyte"]], names)
+    summary = {"input": str(cfg.input), "checkpoint": str(cfg.ckpt_path), "runtime": runtime, "files": len(files), "cells": len(rows),
+               "needs_review": sum(r["needs_review"] for r in rows), "review_threshold": threshold,
+               "not_a_leukocyte": sum(r["not_a_leukocyte"] for r in rows),
+               "ood_check": "cell finder and features" if getattr(predictor, "ood", None) is not None else
+                            "cell finder only (no feature statistics in the model)",
+               "review_threshold_from": threshold_from, "temperature": predictor.temperature,
                "differential": count, "unreadable": unreadable, "predictions": str(csv_path)}
     (csv_path.parent / "differential.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print(summary)
@@ -162,8 +263,9 @@ def predict(cfg: DictConfig) -> dict:
 
 
 def _print(summary: dict) -> None:
-    table = Table(title=f"Differential count: {summary['cells']} cells from {summary['files']} files "
-                        f"({summary['needs_review']} flagged for review)")
+    table = Table(title=f"Differential count: {summary['cells'] - summary['not_a_leukocyte']} cells from "
+                        f"{summary['files']} files ({summary['needs_review']} flagged for review; "
+                        f"{summary['not_a_leukocyte']} inputs not leukocytes, not counted)")
     for col in ("class", "cells", "%", "95 % CI"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for r in summary["differential"]:
@@ -172,6 +274,10 @@ def _print(summary: dict) -> None:
         table.add_row(r["class"], str(r["cells"]), pct, ci)
     console = Console()
     console.print(table)
+    console.print(f"needs_review: confidence below {summary['review_threshold']:.4g} "
+                  f"({summary['review_threshold_from']}); temperature {summary['temperature']:.4g}")
+    console.print(f"not_a_leukocyte: {summary['not_a_leukocyte']} of {summary['cells']} inputs "
+                  f"({summary['ood_check']})")
     for u in summary["unreadable"]:
         console.print(f"[yellow]skipped[/yellow] {u['reason']}")
     console.print(f"per-cell predictions: {summary['predictions']}")

@@ -20,8 +20,9 @@ import csv
 import json
 import math
 import textwrap
+import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,22 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from leukonet.calibration import (
+    N_BINS,
+    apply_temperature,
+    expected_calibration_error,
+    reliability_bins,
+    retained,
+    risk_coverage,
+)
+
 DPI = 120
 THUMB_PX = 150  # gallery images are shrunk to about their on-figure size, which keeps the PNG small
 GALLERY_COLS = 8
 TOP_CONFUSIONS = 10
 _HISTORY_COLUMNS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_acc": "val/acc"}
 _PHASE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+RELIABILITY_PNG, RISK_COVERAGE_PNG = "reliability_diagram.png", "risk_coverage.png"
 
 
 # --------------------------------------------------------------------------- metrics
@@ -158,8 +169,18 @@ def write_report(
     history: list[dict] | None = None,
     extra: dict | None = None,
     gallery_size: int = 48,
+    explain: Callable[[np.ndarray, int], np.ndarray] | None = None,
+    calibration: dict | None = None,
 ) -> dict:
-    """Write metrics.json, predictions.csv, figures and report.md into ``out_dir``; return the metrics."""
+    """Write metrics.json, predictions.csv, figures and report.md into ``out_dir``; return the metrics.
+
+    ``explain(image, class_index) -> RGB overlay`` (e.g. ``leukonet.explain.explainer(model)``): the gallery
+    shows each misclassified cell beside its heat map for the predicted class.
+
+    ``calibration`` (``temperature``, ``review_threshold`` or None, optionally ``validation``: what
+    ``leukonet.calibration.calibrate`` found there): ``probs`` are the model's uncalibrated probabilities; the
+    report's probabilities and confidences are the temperature-scaled ones, and it adds the expected calibration
+    error before and after, the coverage at the review threshold, a reliability diagram and a risk-coverage curve."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     y = np.asarray(y_true).astype(int)
@@ -167,7 +188,12 @@ def write_report(
     if len(paths) != len(y):
         raise ValueError(f"got {len(paths)} paths for {len(y)} predictions")
     extra = dict(extra or {})
+    p_before = p
+    if calibration is not None:
+        p = apply_temperature(p, calibration.get("temperature") or 1.0)
     metrics = compute_metrics(y, p, class_names)
+    if calibration is not None:
+        metrics.update(calibration_metrics(y, p_before, p, calibration))
     if clash := sorted(set(extra) & {"title", *metrics}):
         raise ValueError(f"extra would overwrite computed entries: {clash}")
     metrics = {"title": title, **metrics, **_jsonable(extra)}
@@ -184,19 +210,46 @@ def write_report(
     loss_png, gallery_png = out / "loss_curves.png", out / "misclassified.png"
     loss_png.unlink(missing_ok=True)
     gallery_png.unlink(missing_ok=True)
+    for png in (RELIABILITY_PNG, RISK_COVERAGE_PNG):
+        (out / png).unlink(missing_ok=True)
+    if calibration is not None:
+        plot_reliability(out / RELIABILITY_PNG, p_before, p, y, metrics["temperature"])
+        plot_risk_coverage(out / RISK_COVERAGE_PNG, p, y, metrics["review_threshold"],
+                           (calibration.get("validation") or {}).get("target_accuracy"))
     if history:
         plot_history(loss_png, history)
 
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")]
     shown = wrong[:gallery_size]
+    overlays = None
     if len(shown):
         tiles = [(paths[i], f"{class_names[y[i]]} →\n{class_names[pred[i]]} ({conf[i]:.0%})") for i in shown]
-        plot_gallery(gallery_png, tiles)
+        overlays = _overlays(explain, [paths[i] for i in shown], [int(pred[i]) for i in shown]) if explain else None
+        plot_gallery(gallery_png, tiles, overlays)
 
-    md = _markdown(metrics, extra, has_history=bool(history), n_wrong=len(wrong), n_shown=len(shown))
+    md = _markdown(metrics, extra, has_history=bool(history), n_wrong=len(wrong), n_shown=len(shown),
+                   explained=overlays is not None, calibrated=calibration is not None)
     (out / "report.md").write_text(md, encoding="utf-8")
     return metrics
+
+
+def calibration_metrics(y: np.ndarray, before: np.ndarray, after: np.ndarray, calibration: dict) -> dict:
+    """ECE (15 bins) before and after temperature scaling, and the cells kept at the review threshold."""
+    threshold = calibration.get("review_threshold")
+    kept = retained(after, y, threshold) if threshold is not None else {"coverage": None, "accuracy": None}
+    out = {
+        "ece_before": _float(expected_calibration_error(before, y)),
+        "ece_after": _float(expected_calibration_error(after, y)),
+        "temperature": _float(calibration.get("temperature") or 1.0),
+        "review_threshold": None if threshold is None else _float(threshold),
+        "coverage_at_threshold": None if kept["coverage"] is None else _float(kept["coverage"]),
+        "accuracy_of_retained": None if kept["accuracy"] is None else _float(kept["accuracy"]),
+    }
+    if calibration.get("validation"):
+        out["calibration_fit"] = {"split": "val", **{k: _float(v) if isinstance(v, float) else v
+                                                     for k, v in calibration["validation"].items()}}
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -354,6 +407,63 @@ def plot_history(path: Path, history: list[dict]) -> None:
     _save(fig, path)
 
 
+def plot_reliability(path: Path, before: np.ndarray, after: np.ndarray, y: np.ndarray, temperature: float) -> None:
+    """Reliability diagrams before and after temperature scaling: accuracy per confidence bin against the
+    diagonal of perfect calibration, the gap shaded, the bin's share of cells below."""
+    fig = Figure(figsize=(9.5, 5.2), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True, height_ratios=(3, 1))
+    for col, (probs, heading) in enumerate(((before, "before (T = 1)"), (after, f"after (T = {temperature:.3g})"))):
+        ax, ax_n = axes[0, col], axes[1, col]
+        b = reliability_bins(probs, y)
+        centres, width = (b["edges"][:-1] + b["edges"][1:]) / 2, 1 / N_BINS
+        has = b["count"] > 0
+        ax.bar(centres[has], b["accuracy"][has], width, color="#4c72b0", edgecolor="white", label="accuracy")
+        ax.bar(centres[has], b["confidence"][has] - b["accuracy"][has], width, bottom=b["accuracy"][has],
+               color="#c44e52", alpha=0.3, edgecolor="#c44e52", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "--", color="0.3", lw=1, label="perfectly calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Accuracy")
+        ax.set_title(f"{heading}: ECE {expected_calibration_error(probs, y):.4f}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+        ax_n.bar(centres, b["count"] / max(1, b["count"].sum()), width, color="0.55", edgecolor="white")
+        ax_n.set_xlabel("Confidence (top probability)")
+        ax_n.set_ylabel("Share")
+        ax_n.grid(alpha=0.3)
+    fig.suptitle(f"Reliability diagram ({N_BINS} bins)", fontsize=11)
+    _save(fig, path)
+
+
+def plot_risk_coverage(path: Path, probs: np.ndarray, y: np.ndarray, threshold: float | None,
+                       target_accuracy: float | None = None) -> None:
+    """Error rate of the cells kept against the share kept, most confident first; the review threshold marked."""
+    coverage, risk = risk_coverage(probs, y)
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(np.r_[0, coverage], np.r_[risk[0], risk], "-", color="#4c72b0", lw=1.5, drawstyle="steps-pre",
+            label="cells kept by calibrated confidence")
+    if target_accuracy is not None:
+        ax.axhline(1 - target_accuracy, color="#55a868", ls=":", lw=1, label=f"target error {1 - target_accuracy:.2%}")
+    if threshold is not None:
+        kept = retained(probs, y, threshold)
+        err = None if kept["accuracy"] is None else 1 - kept["accuracy"]
+        ax.axvline(kept["coverage"], color="#c44e52", ls="--", lw=1.2, label="review threshold")
+        if err is not None:
+            ax.plot([kept["coverage"]], [err], "o", color="#c44e52")
+        ax.text(kept["coverage"], 0.98, f" review threshold {threshold:.3f}\n coverage {kept['coverage']:.1%}"
+                + ("" if err is None else f", error {err:.2%}"), transform=ax.get_xaxis_transform(),
+                ha="left" if kept["coverage"] < 0.6 else "right", va="top", fontsize=8, color="#c44e52")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, max(0.05, float(risk.max()) * 1.1))
+    ax.set_xlabel("Coverage (share of cells kept, most confident first)")
+    ax.set_ylabel("Error rate of the cells kept")
+    ax.set_title("Risk-coverage curve", pad=14)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
 def _thumbnail(image_path: str) -> np.ndarray | None:
     """Small RGB array of an image, or None if it cannot be read."""
     try:
@@ -365,23 +475,49 @@ def _thumbnail(image_path: str) -> np.ndarray | None:
         return None
 
 
-def plot_gallery(path: Path, tiles: list[tuple[str, str]]) -> None:
-    """Grid of images with two-line titles; unreadable images become a grey placeholder."""
-    cols = max(4, min(GALLERY_COLS, len(tiles)))  # wide enough for the title
+def _overlays(explain: Callable[[np.ndarray, int], np.ndarray], paths: Sequence[str], classes: Sequence[int]) -> list | None:
+    """``explain``'s overlay for each image (None where the image cannot be read); None if explaining fails."""
+    from leukonet.data.folder import load_rgb
+
+    out: list[np.ndarray | None] = []
+    for image_path, k in zip(paths, classes):
+        try:
+            image = load_rgb(image_path)
+        except ValueError:
+            out.append(None)
+            continue
+        try:
+            out.append(explain(image, k))
+        except Exception as err:  # noqa: BLE001 - a heat map is never worth losing the report
+            warnings.warn(f"misclassified.png without heat maps: {type(err).__name__}: {err}", stacklevel=2)
+            return None
+    return out
+
+
+def plot_gallery(path: Path, tiles: list[tuple[str, str]], overlays: Sequence[np.ndarray | None] | None = None) -> None:
+    """Grid of images with two-line titles; unreadable images become a grey placeholder. With ``overlays``
+    (one per tile, RGB), each image is shown beside its overlay."""
+    pair = overlays is not None
+    cols = max(4, min(GALLERY_COLS, len(tiles))) // (2 if pair else 1)  # wide enough for the title
     rows = math.ceil(len(tiles) / cols)
-    fig = Figure(figsize=(1.35 * cols, 1.65 * rows + 0.45), layout="constrained")
+    fig = Figure(figsize=(1.35 * cols * (2 if pair else 1), 1.65 * rows + 0.45), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, (image_path, label) in zip(axes, tiles):
+    for t, (ax, (image_path, label)) in enumerate(zip(axes, tiles)):
         thumb = _thumbnail(image_path)
+        if thumb is not None and pair and overlays[t] is not None:
+            h, w = thumb.shape[:2]
+            heat = np.asarray(Image.fromarray(overlays[t]).resize((w, h), Image.Resampling.BILINEAR))
+            thumb = np.concatenate([thumb, np.full((h, max(2, w // 30), 3), 255, np.uint8), heat], axis=1)
         if thumb is None:
             ax.imshow(np.full((8, 8), 0.85), cmap="gray", vmin=0, vmax=1)
             ax.text(3.5, 3.5, "image\nunreadable", ha="center", va="center", fontsize=7, color="0.3")
         else:
             ax.imshow(thumb)
         ax.set_title(label, fontsize=7.5)
-    fig.suptitle("Misclassified, most confident first:\ntrue → predicted (confidence)", fontsize=9)
+    fig.suptitle("Misclassified, most confident first:\ntrue → predicted (confidence)"
+                 + ("; right: Grad-CAM of the predicted class" if pair else ""), fontsize=9)
     _save(fig, path)
 
 
@@ -406,7 +542,34 @@ def _code(value: Any) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
-def _markdown(metrics: dict, extra: dict, *, has_history: bool, n_wrong: int, n_shown: int) -> str:
+def _calibration_markdown(m: dict) -> list[str]:
+    """The calibration section: temperature, ECE before and after, the review threshold and its coverage."""
+    lines = ["## Calibration and review", "",
+             f"Probabilities and confidences in this report and in `predictions.csv` are temperature-scaled: "
+             f"softmax(logits / T) with T = {m['temperature']:.4g}"
+             + (", fitted on the validation split after training. " if m["review_threshold"] is not None
+                else " (the checkpoint was trained before calibration). ") +
+             f"Expected calibration error ({N_BINS} bins): **{_fmt(m['ece_before'])}** before, "
+             f"**{_fmt(m['ece_after'])}** after.", ""]
+    fit = m.get("calibration_fit") or {}
+    if m["review_threshold"] is None:
+        lines += ["The checkpoint holds no review threshold (trained before calibration): predict flags cells "
+                  "below its `review_threshold` setting (0.9 unless given).", ""]
+    else:
+        chosen = (f" (chosen on the validation split: the lowest confidence at which the {fit['n']} validation "
+                  f"cells not flagged were at least {fit['target_accuracy']:.1%} correct; it kept "
+                  f"{fit['coverage_at_threshold']:.1%} of them)") if fit.get("n") else ""
+        acc = m["accuracy_of_retained"]
+        lines += [f"Cells with confidence below **{m['review_threshold']:.4f}** are flagged `needs_review`{chosen}. "
+                  f"Here it keeps **{m['coverage_at_threshold']:.1%}** of {m['n']} cells (coverage), with accuracy "
+                  f"**{'—' if acc is None else f'{acc:.4f}'}**; the other "
+                  f"{1 - m['coverage_at_threshold']:.1%} go to a person.", ""]
+    lines += [f"![Reliability diagram]({RELIABILITY_PNG})", "", f"![Risk-coverage curve]({RISK_COVERAGE_PNG})", ""]
+    return lines
+
+
+def _markdown(metrics: dict, extra: dict, *, has_history: bool, n_wrong: int, n_shown: int, explained: bool = False,
+              calibrated: bool = False) -> str:
     """Assemble report.md from the metrics and the figures that were written."""
     names = metrics["class_names"]
     n = metrics["n"]
@@ -453,6 +616,9 @@ def _markdown(metrics: dict, extra: dict, *, has_history: bool, n_wrong: int, n_
     if has_history:
         lines += ["![Loss curves](loss_curves.png)", ""]
 
+    if calibrated:
+        lines += _calibration_markdown(metrics)
+
     lines += ["## Error analysis", ""]
     if n_wrong == 0:
         lines += ["No misclassified images.", ""]
@@ -463,7 +629,9 @@ def _markdown(metrics: dict, extra: dict, *, has_history: bool, n_wrong: int, n_
         for k, r, c in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:TOP_CONFUSIONS]:
             lines.append(f"- {names[r]} → {names[c]}: {k}")
         if n_shown:
-            lines += ["", f"Gallery of {n_shown} of {n_wrong} misclassified images, most confident errors first:",
+            lines += ["", f"Gallery of {n_shown} of {n_wrong} misclassified images, most confident errors first"
+                      + (", each beside its Grad-CAM heat map for the predicted class (red: the evidence the model "
+                         "used for it)" if explained else "") + ":",
                       "", "![Misclassified images](misclassified.png)"]
         lines.append("")
 

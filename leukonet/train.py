@@ -13,10 +13,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from leukonet import ood
+from leukonet.calibration import calibrate, calibrate_checkpoints
 from leukonet.distributed import job_processes
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
+from leukonet.explain import explainer
 from leukonet.finetune import TwoPhaseFinetuning
 from leukonet.provenance import command, machine
 from leukonet.report import read_history, write_report
@@ -57,14 +60,44 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # the two-phase callback restored the best weights by validation loss: that is the final model
     metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=datamodule, verbose=False)[0].items()}
+    calibration = _calibrate(cfg, trainer, model, datamodule)
+    _ood_statistics(trainer, model, datamodule)
     if cfg.test:
         metrics.update({k: float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()})
         if trainer.is_global_zero:
-            _report(cfg, trainer, model, datamodule, callbacks, fit_epochs, fit_s, time.perf_counter() - started)
+            _report(cfg, trainer, model, datamodule, callbacks, fit_epochs, fit_s, time.perf_counter() - started,
+                    calibration)
     return metrics
 
 
-def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: float, wall_s: float) -> None:
+def _ood_statistics(trainer, model, datamodule) -> None:
+    """Feature statistics of the final model for the not-a-leukocyte check (``leukonet.ood``): class means and
+    precision on the training split, threshold on validation; written into the run's checkpoints by process 0."""
+    if trainer.is_global_zero and (stats := ood.compute(model, datamodule)) is not None:
+        paths = [p for cb in trainer.checkpoint_callbacks for p in (cb.best_model_path, cb.last_model_path)]
+        ood.write_checkpoints(paths, stats, trainer.strategy.checkpoint_io)
+    trainer.strategy.barrier("ood statistics")
+
+
+def _calibrate(cfg, trainer, model, datamodule) -> dict:
+    """Fit the temperature and the review threshold on the final model's validation logits (every process
+    alike), keep them in the model and write them into the run's checkpoints (process 0)."""
+    labels = [e.label for e in datamodule.entries("val")]
+    if not labels:  # no validation split: nothing to fit on; temperature 1, no threshold
+        return {}
+    target = float(OmegaConf.select(cfg, "review.target_accuracy", default=0.995))
+    values = calibrate(torch.cat(model.val_logits), labels, target)
+    model.temperature.fill_(values["temperature"])
+    model.review_threshold.fill_(values["review_threshold"])
+    if trainer.is_global_zero:
+        paths = [p for cb in trainer.checkpoint_callbacks for p in (cb.best_model_path, cb.last_model_path)]
+        calibrate_checkpoints(paths, values, trainer.strategy.checkpoint_io)
+    trainer.strategy.barrier("calibrated checkpoints")
+    return values
+
+
+def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: float, wall_s: float,
+            calibration: dict) -> None:
     output_dir = Path(cfg.paths.output_dir)
     two_phase = next((c for c in callbacks if isinstance(c, TwoPhaseFinetuning)), None)
     csv_logs = [lg for lg in trainer.loggers if isinstance(lg, L.pytorch.loggers.CSVLogger)]
@@ -97,6 +130,9 @@ def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: 
         class_names=model.hparams.class_names,
         history=history,
         extra=extra,
+        explain=explainer(model),
+        calibration={"temperature": calibration["temperature"], "review_threshold": calibration["review_threshold"],
+                     "validation": calibration} if calibration else None,
     )
 
 

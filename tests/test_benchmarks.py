@@ -26,8 +26,9 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_bench_inference_quick(tmp_path):
-    # one thread: the test must not depend on how busy the shared cores are
-    _run(str(INFERENCE), "--quick", "--no-compile", "--threads", "1", "--out", str(tmp_path))
+    # one thread: the test must not depend on how busy the shared cores are; the ONNX Runtime row (exporting
+    # EfficientNet-Lite0 takes 7-12 s) is tested on a tiny model below
+    _run(str(INFERENCE), "--quick", "--no-compile", "--no-onnx", "--threads", "1", "--out", str(tmp_path))
     res = json.loads((tmp_path / "results.json").read_text())
     for key in ("images_per_s_batch1", "images_per_s_batch64", "fraction_of_limit", "gflops_per_image",
                 "matmul_gflops", "precisions", "machine", "torch", "threads", "command"):
@@ -46,6 +47,21 @@ def test_bench_inference_quick(tmp_path):
     if res["fraction_of_limit"] < res["target_fraction"]:
         assert res["profiles"] and res["profiles"][0]["top_ops_by_self_cpu"]
         assert "Where the time goes" in md
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+def test_bench_inference_onnx_row() -> None:
+    spec = importlib.util.spec_from_file_location("bench_inference", INFERENCE)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from leukonet.model import CellClassifier
+
+    model = CellClassifier(backbone="test_efficientnet", pretrained=False, image_size=32).eval()
+    row = bench.time_onnx(model, 48, {"batch1": (1, 2, 2), "batch64": (1, 2, 1)}, threads=1)
+    assert row["intra_op_threads"] == 1 and "exporter" in row and row["export_s"] >= 0
+    assert row["max_abs_logit_diff_vs_torch_fp32"] < 1e-4  # exported at 48 px, not the trained 32
+    for key, batch in (("batch1", 1), ("batch64", 64)):
+        assert row[key]["batch"] == batch and row[key]["images_per_s"]["median"] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fastai") is None,

@@ -40,15 +40,19 @@ def test_predict_a_folder_of_crops_and_fields(trained_run: Path, cells: Path, tm
     fields = [r for r in rows if r["file"].endswith("field.png")]
     assert len(crops) == 20 and all(r["cell"] == "" for r in crops)
     assert len(fields) == len(truth) and sorted(int(r["cell"]) for r in fields) == [0, 1, 2]
+    summary = json.loads((out / "differential.json").read_text())
+    threshold = summary["review_threshold"]  # the checkpoint's, chosen on validation (tests/test_calibration.py)
+    assert summary["review_threshold_from"] == "checkpoint"
     for r in rows:
         probs = [float(r[f"p_{c}"]) for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")]
         assert sum(probs) == pytest.approx(1, abs=1e-4) and float(r["confidence"]) == max(probs)
-        assert r["needs_review"] == str(max(probs) < 0.9)
-    summary = json.loads((out / "differential.json").read_text())
-    assert summary["cells"] == 23 and sum(d["cells"] for d in summary["differential"]) == 23
+        needs_review = max(probs) < threshold and r["not_a_leukocyte"] == "False"  # only leukocytes are reviewed
+        assert r["needs_review"] == str(needs_review) or abs(max(probs) - threshold) < 1e-5
+    flagged = sum(r["not_a_leukocyte"] == "True" for r in rows)  # not leukocytes (tests/test_ood.py): not counted
+    assert summary["cells"] == 23 and sum(d["cells"] for d in summary["differential"]) == 23 - flagged
     assert [u["file"] for u in summary["unreadable"]] == [str(data / "crops" / "broken.jpg")]
     printed = proc.stdout.replace("\n", "")  # rich wraps long paths
-    assert "Differential count: 23 cells" in printed and "broken.jpg" in printed
+    assert f"Differential count: {23 - flagged} cells" in " ".join(proc.stdout.split()) and "broken.jpg" in printed
 
     again = run_module("leukonet.predict", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"input={data}",
                        f"hydra.run.dir={out}")

@@ -8,6 +8,9 @@ as the model itself runs, uint8 images in, logits out, the model's own normalisa
 * images/s at batch 1 and batch 64, for fp32 and, where the CPU computes bf16 natively (the same
   test as ``leukonet/resolvers.py``: AVX512-BF16 or AMX in /proc/cpuinfo), bf16 autocast entered
   once per forward as Lightning does; warm-up, then timed repetitions: median, quartiles, min, max;
+* the same in fp32 with ONNX Runtime (``fp32+onnxruntime``: the model exported as ``python -m
+  leukonet.export`` does, at the benchmark's image size, run on the CPU with as many intra-op threads
+  as torch uses), when onnxruntime is importable and ``--no-onnx`` is not given;
 * the machine's matrix-multiply rate: a large square ``torch.matmul`` in fp32 (and bf16), best of
   several, in GFLOP/s (2 FLOPs per multiply-add);
 * the model's FLOPs per image with ``torch.utils.flop_counter.FlopCounterMode``, which counts a
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import shlex
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true", help="skip the profiled forward even below the target")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile rows (evaluate's compile=true; the backbone compiled in place)")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="skip the ONNX Runtime row (fp32; on by default when onnxruntime is importable)")
     return p.parse_args(argv)
 
 
@@ -269,6 +275,50 @@ def time_forward(model: nn.Module, precision: str, batch: int, size: int, warmup
             "images_per_s": spread(rates), "ms_per_forward": spread(latencies)}
 
 
+def onnx_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def time_onnx(model: nn.Module, size: int, plan: dict, threads: int) -> dict:
+    """fp32 with ONNX Runtime: the model exported by ``leukonet.export.to_onnx`` at ``size`` px, then batch 1 and 64
+    timed as ``time_forward`` times PyTorch (uint8 images in, logits out, normalisation in the graph)."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+
+    from leukonet.export import INPUT_NAME, to_onnx
+    from leukonet.onnx_runtime import session
+
+    t0 = time.perf_counter()
+    proto, exporter = to_onnx(copy.deepcopy(model), size=size)
+    export_s = round(time.perf_counter() - t0, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(proto, f"{tmp}/model.onnx")
+        sess = session(f"{tmp}/model.onnx", threads)
+    x64 = images(64, size).numpy()
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x64)).numpy()
+    d = {"export_s": export_s, "exporter": exporter, "intra_op_threads": threads,
+         "max_abs_logit_diff_vs_torch_fp32": float(np.abs(sess.run(None, {INPUT_NAME: x64})[0] - ref).max())}
+    for key, batch in (("batch1", 1), ("batch64", 64)):
+        warmup, reps, inner = plan[key]
+        feed = {INPUT_NAME: images(batch, size).numpy()}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        rates, latencies = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(inner):
+                sess.run(None, feed)
+            dt = (time.perf_counter() - t) / inner
+            latencies.append(dt * 1e3)
+            rates.append(batch / dt)
+        d[key] = {"batch": batch, "warmup_forwards": warmup, "repetitions": reps, "forwards_per_repetition": inner,
+                  "images_per_s": spread(rates), "ms_per_forward": spread(latencies)}
+    return d
+
+
 # ----------------------------------------------------------------------------- where the time goes
 
 _CASTS = {"aten::to", "aten::_to_copy"}
@@ -397,6 +447,10 @@ def write_markdown(res: dict, path: Path) -> None:
           f"Best: `{res['best']['variant']}`, {_fmt(res['best']['images_per_s_batch64'])} images/s at batch 64, "
           f"fraction {res['best']['fraction_of_limit']:.3f}"
           + "".join(f"; `{k}` compiles in {d['compile_s']} s" for k, d in res["precisions"].items() if "compile_s" in d)
+          + "".join(f"; `{k}` exports in {d['export_s']} s ({d['exporter']}; {d['intra_op_threads']} intra-op "
+                    "threads; largest logit difference from PyTorch fp32 at batch 64: "
+                    f"{d['max_abs_logit_diff_vs_torch_fp32']:.1e})"
+                    for k, d in res["precisions"].items() if "export_s" in d)
           + ".", ""]
     L += ["## The limit", "",
           f"- Model: {f['gflops_per_image']:.3f} GFLOP per image at {res['image_size']} px "
@@ -526,6 +580,16 @@ def main(argv: list[str] | None = None) -> dict:
             d["fraction_of_limit_batch1"] = d["batch1"]["images_per_s"]["median"] / d["limit_images_per_s"]
             d["fraction_of_limit_batch64"] = d["batch64"]["images_per_s"]["median"] / d["limit_images_per_s"]
             per_precision[f"{p}+compile"] = d
+    if not args.no_onnx and onnx_available():  # fp32 only: ONNX Runtime's CPU kernels run the fp32 graph
+        d = time_onnx(model, size, plan, torch.get_num_threads())
+        fp32_limit = mm["fp32"]["gflops"] / flops["gflops_per_image"] if "fp32" in mm else None
+        if fp32_limit is None:  # --precisions bf16 only: measure the fp32 matmul rate for this row's limit
+            mm["fp32"] = matmul_gflops(torch.float32, mm_n, mm_reps)
+            fp32_limit = mm["fp32"]["gflops"] / flops["gflops_per_image"]
+        d["limit_images_per_s"] = fp32_limit
+        d["fraction_of_limit_batch1"] = d["batch1"]["images_per_s"]["median"] / fp32_limit
+        d["fraction_of_limit_batch64"] = d["batch64"]["images_per_s"]["median"] / fp32_limit
+        per_precision["fp32+onnxruntime"] = d
     head = per_precision[headline]
     res = {
         "quick": quick,
