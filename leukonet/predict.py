@@ -33,6 +33,7 @@ from leukonet.errors import DataError, RunExistsError, exit_on_user_error
 from leukonet.explain import heatmaps, overlay
 from leukonet.model import CellClassifier
 from leukonet.train import CONF
+from leukonet.tta import check_mode, tta_probabilities, views
 
 
 @dataclass
@@ -99,8 +100,12 @@ def differential(labels: list[str], class_names: list[str], confidence: float = 
 class Predictor:
     """A checkpoint's model with its preprocessing: uint8 RGB images in, class probabilities out."""
 
-    def __init__(self, ckpt_path: str | Path, precision: str = "32-true") -> None:
+    def __init__(self, ckpt_path: str | Path, precision: str = "32-true", tta: str = "none") -> None:
         ckpt_path = Path(ckpt_path)
+        try:
+            self.tta = check_mode(tta)  # test-time augmentation (leukonet.tta): probabilities averaged over views
+        except ValueError as err:
+            raise DataError(str(err)) from err
         if not ckpt_path.is_file():
             raise DataError(f"ckpt_path={ckpt_path} does not exist")
         self.model = CellClassifier.from_checkpoint(ckpt_path)
@@ -117,13 +122,18 @@ class Predictor:
         x = torch.stack([self.transform(image=im)["image"] for im in images])
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             feats = ood.pooled(self.model, x)
-            probs = self.model.calibrated(self.model.head(feats).float()).softmax(1).numpy()
+            logits = self.model.head(feats).float()
+            if self.tta != "none":  # the unchanged view's logits reused; the feature check reads that view only
+                logits = torch.stack([logits, *(self.model(v.contiguous()).float() for v in views(x, self.tta)[1:])])
+                probs = self.model.calibrated(logits).softmax(-1).mean(0).numpy()
+            else:
+                probs = self.model.calibrated(logits).softmax(1).numpy()
         return probs, ood.score(feats.float(), self.ood)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         x = torch.stack([self.transform(image=im)["image"] for im in images])
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model.calibrated(self.model(x).float()).softmax(1).numpy()
+            return tta_probabilities(self.model, x, self.tta).numpy()
 
 
 def assess(predictor, cells: list[Cell]) -> tuple[np.ndarray, list[dict]]:
@@ -145,7 +155,7 @@ def assess(predictor, cells: list[Cell]) -> tuple[np.ndarray, list[dict]]:
     return probs, out
 
 
-def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str = "32-true"):
+def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str = "32-true", tta: str = "none"):
     """``Predictor`` for a checkpoint (``runtime=torch``), ``leukonet.onnx_runtime.OnnxPredictor`` for a model
     exported with ``python -m leukonet.export`` (``runtime=onnx``, ONNX Runtime on the CPU, fp32)."""
     runtime, is_onnx = str(runtime).lower(), str(ckpt_path).lower().endswith(".onnx")
@@ -153,6 +163,8 @@ def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str
         if not is_onnx:
             raise DataError(f"runtime=onnx runs an exported model: export it first (python -m leukonet.export "
                             f"ckpt_path={ckpt_path}) and give ckpt_path=RUN/model.onnx")
+        if str(tta).lower() != "none":
+            raise DataError(f"tta={tta} needs runtime=torch (a checkpoint); the ONNX runtime scores each image once")
         from leukonet.onnx_runtime import OnnxPredictor
 
         return OnnxPredictor(ckpt_path)
@@ -160,7 +172,7 @@ def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str
         raise DataError(f"runtime must be torch or onnx, got {runtime!r}")
     if is_onnx:
         raise DataError(f"ckpt_path={ckpt_path} is an ONNX model: add runtime=onnx")
-    return Predictor(ckpt_path, precision)
+    return Predictor(ckpt_path, precision, tta)
 
 
 def _batches(files: list[Path], fields: str, batch_size: int, unreadable: list[dict], progress: bool) -> Iterator[list[Cell]]:
@@ -220,7 +232,7 @@ def predict(cfg: DictConfig) -> dict:
     runtime = str(cfg.get("runtime", "torch")).lower()
     if runtime == "onnx" and cfg.get("explain", False):
         raise DataError("explain=true needs runtime=torch: Grad-CAM takes gradients of the PyTorch model")
-    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision)
+    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision, cfg.get("tta", "none"))
     threshold, threshold_from = _review_threshold(cfg.get("review_threshold"), predictor)
     names = predictor.class_names
     files = input_files(cfg.input)
@@ -250,7 +262,8 @@ def predict(cfg: DictConfig) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     count = differential([r["predicted"] for r in rows if not r["not_a_leukocyte"]], names)
-    summary = {"input": str(cfg.input), "checkpoint": str(cfg.ckpt_path), "runtime": runtime, "files": len(files), "cells": len(rows),
+    summary = {"input": str(cfg.input), "checkpoint": str(cfg.ckpt_path), "runtime": runtime,
+               "tta": getattr(predictor, "tta", "none"), "files": len(files), "cells": len(rows),
                "needs_review": sum(r["needs_review"] for r in rows), "review_threshold": threshold,
                "not_a_leukocyte": sum(r["not_a_leukocyte"] for r in rows),
                "ood_check": "cell finder and features" if getattr(predictor, "ood", None) is not None else

@@ -180,7 +180,8 @@ def write_report(
     ``calibration`` (``temperature``, ``review_threshold`` or None, optionally ``validation``: what
     ``leukonet.calibration.calibrate`` found there): ``probs`` are the model's uncalibrated probabilities; the
     report's probabilities and confidences are the temperature-scaled ones, and it adds the expected calibration
-    error before and after, the coverage at the review threshold, a reliability diagram and a risk-coverage curve."""
+    error before and after, the coverage at the review threshold, a reliability diagram and a risk-coverage curve.
+    ``calibration["probs"]``, when given, are the calibrated probabilities to use instead of tempering ``probs``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     y = np.asarray(y_true).astype(int)
@@ -190,7 +191,10 @@ def write_report(
     extra = dict(extra or {})
     p_before = p
     if calibration is not None:
-        p = apply_temperature(p, calibration.get("temperature") or 1.0)
+        # "probs": the calibrated probabilities when they are not softmax(z / T) of one set of logits z (e.g. the
+        # mean over test-time augmentations of each view's calibrated probabilities, leukonet.tta)
+        given = calibration.get("probs")
+        p = np.asarray(given, dtype=np.float64) if given is not None else apply_temperature(p, calibration.get("temperature") or 1.0)
     metrics = compute_metrics(y, p, class_names)
     if calibration is not None:
         metrics.update(calibration_metrics(y, p_before, p, calibration))

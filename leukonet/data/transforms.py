@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import albumentations as A
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 
@@ -22,3 +23,57 @@ def train_transform(augment: Mapping[str, A.BasicTransform | None] | None, image
 def eval_transform(image_size: int) -> A.Compose:
     """Deterministic: resize the whole cell image to ``image_size``."""
     return A.Compose([A.Resize(image_size, image_size), ToTensorV2()])
+
+
+# Optical-density unit vectors (R, G, B) of the two stains of a May-Grünwald-Giemsa / Wright smear,
+# medians over PBC-2500 pixels: violet (azure/methylene-blue eosinate: nuclei, basophil granules),
+# pixels with OD_green - OD_blue > 1 (leukonet.data.cells' nuclear channel), and pink (eosin: red
+# cells, eosinophil granules), stained pixels with OD_green ~ OD_blue.
+ROMANOWSKY_STAINS = ((0.468, 0.849, 0.244), (0.335, 0.666, 0.666))
+
+
+class RomanowskyStainJitter(A.ImageOnlyTransform):
+    """Colour-deconvolution stain jitter for Romanowsky-stained blood smears.
+
+    The image is turned into optical density (OD = -ln((I + 1) / 256)) and split into the
+    concentrations of the violet (nuclear) and pink (eosin-type) stains plus a residual along their
+    cross product (``stains``: their OD vectors). Each stain's concentration is scaled by a factor
+    from ``scale_range`` and shifted by an amount from ``shift_range`` (in OD units; a shift tints the
+    background too), each stain drawn on its own; the residual is kept, so with no jitter the image
+    comes back unchanged (up to rounding). This simulates staining time, stain batch and smear
+    thickness, which move violet and pink separately, unlike a hue rotation.
+    """
+
+    def __init__(
+        self,
+        scale_range: tuple[float, float] = (0.75, 1.25),
+        shift_range: tuple[float, float] = (-0.05, 0.05),
+        stains: tuple[tuple[float, float, float], tuple[float, float, float]] = ROMANOWSKY_STAINS,
+        p: float = 0.5,
+    ) -> None:
+        super().__init__(p=p)
+        self.scale_range = tuple(scale_range)
+        self.shift_range = tuple(shift_range)
+        self.stains = tuple(tuple(float(v) for v in s) for s in stains)
+        v = np.array(self.stains, dtype=np.float64)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        residual = np.cross(v[0], v[1])
+        self._matrix = np.vstack([v, residual / np.linalg.norm(residual)])  # rows: stain OD vectors
+        self._inverse = np.linalg.inv(self._matrix)
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {
+            "scale": self.random_generator.uniform(*self.scale_range, size=2),
+            "shift": self.random_generator.uniform(*self.shift_range, size=2),
+        }
+
+    def apply(self, img: np.ndarray, scale: np.ndarray, shift: np.ndarray, **params) -> np.ndarray:
+        od = -np.log((img.reshape(-1, 3).astype(np.float32) + 1.0) / 256.0)
+        conc = od @ self._inverse.astype(np.float32)  # od = conc @ matrix
+        conc[:, :2] = conc[:, :2] * scale.astype(np.float32) + shift.astype(np.float32)
+        od = np.maximum(conc @ self._matrix.astype(np.float32), 0.0)
+        rgb = 256.0 * np.exp(-od) - 1.0
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(img.shape)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale_range", "shift_range", "stains")
