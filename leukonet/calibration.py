@@ -8,14 +8,13 @@
 - ``expected_calibration_error``: torchmetrics' ``MulticlassCalibrationError`` (15 equal-width bins, L1).
 
 The fitted values live in the model as the persistent buffers ``temperature`` and ``review_threshold``
-(``leukonet.model.CellClassifier``); ``calibrate_checkpoints`` writes them into a run's checkpoints.
+(``leukonet.model.CellClassifier``); training writes them into the run's checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,18 +133,3 @@ def calibrate(logits: torch.Tensor, labels: Sequence[int], target_accuracy: floa
     return {"temperature": t, "review_threshold": threshold, "target_accuracy": float(target_accuracy),
             "n": int(len(y)), "coverage_at_threshold": kept["coverage"], "accuracy_of_retained": kept["accuracy"],
             "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(probs, y)}
-
-
-def calibrate_checkpoints(paths: Sequence[str | Path], values: dict[str, float], checkpoint_io) -> list[str]:
-    """Write ``temperature`` and ``review_threshold`` into the state dict of each existing checkpoint, through
-    ``checkpoint_io`` (the trainer's: atomic); everything else stays as it was. Returns the paths written."""
-    written = []
-    for path in dict.fromkeys(str(p) for p in paths if p):
-        if not Path(path).is_file():
-            continue
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("temperature", "review_threshold"):
-            ckpt["state_dict"][key] = torch.tensor(float(values[key]))
-        checkpoint_io.save_checkpoint(ckpt, path)
-        written.append(path)
-    return written

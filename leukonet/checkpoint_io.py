@@ -9,8 +9,11 @@ one before it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning.pytorch.plugins import TorchCheckpointIO
 
@@ -23,3 +26,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with open(partial, "rb") as f:  # on disk before it takes the name
             os.fsync(f.fileno())
         os.replace(partial, path)
+
+
+def update_checkpoints(paths: Sequence[str | Path], edit: Callable[[dict[str, Any]], None],
+                       checkpoint_io: TorchCheckpointIO) -> list[str]:
+    """Load each existing checkpoint of ``paths`` once (tensors only), let ``edit`` change it in place, and
+    save it back through ``checkpoint_io`` (the trainer's: atomic). Returns the paths written."""
+    written = []
+    for path in dict.fromkeys(str(p) for p in paths if p):
+        if not Path(path).is_file():
+            continue
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        edit(ckpt)
+        checkpoint_io.save_checkpoint(ckpt, path)
+        written.append(path)
+    return written

@@ -25,7 +25,7 @@ from leukonet.errors import DataError, exit_on_user_error
 from leukonet.explain import explainer
 from leukonet.model import CellClassifier
 from leukonet.provenance import command, machine
-from leukonet.report import write_report
+from leukonet.report import confusion_table, write_report
 from leukonet.train import CONF
 from leukonet.tta import TTAPredictor, average, check_mode
 
@@ -153,10 +153,7 @@ def write_domains(out: Path, results: dict[str, dict], class_names: list[str], e
     lines += ["", f"Worst domain (lowest balanced accuracy): **{worst}**", ""]
     for name, r in rows.items():
         lines += [f"## {name}: confusion matrix (rows true, columns predicted)", "",
-                  "| true \\ predicted | " + " | ".join(class_names) + " |",
-                  "|---|" + "---:|" * len(class_names)]
-        lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(class_names, r["confusion_matrix"])]
-        lines.append("")
+                  *confusion_table(class_names, r["confusion_matrix"]), ""]
     (out / "domains.md").write_text("\n".join(lines), encoding="utf-8")
     return summary
 

@@ -125,19 +125,6 @@ def compute(model, datamodule, accept: float = ACCEPT) -> dict[str, torch.Tensor
     return stats
 
 
-def write_checkpoints(paths: Sequence[str | Path], stats: dict[str, torch.Tensor], checkpoint_io) -> list[str]:
-    """Store ``stats`` under each existing checkpoint's ``"ood"`` key, through the trainer's ``checkpoint_io``."""
-    written = []
-    for path in dict.fromkeys(str(p) for p in paths if p):
-        if not Path(path).is_file():
-            continue
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt[KEY] = {k: v.detach().cpu() for k, v in stats.items()}
-        checkpoint_io.save_checkpoint(ckpt, path)
-        written.append(path)
-    return written
-
-
 def load(ckpt_path: str | Path) -> dict[str, torch.Tensor] | None:
     """A checkpoint's statistics, or None (with a warning) for checkpoints from before they were stored."""
     stats = torch.load(ckpt_path, map_location="cpu", weights_only=True).get(KEY)

