@@ -87,6 +87,10 @@ def to_onnx(model: CellClassifier, opset: int = OPSET, size: int | None = None):
 
     for name in ("onnx_ir", "onnxscript"):  # their INFO lines (one per folded constant) under Hydra's logging
         logging.getLogger(name).setLevel(logging.WARNING)
+    if getattr(model, "stain_norm", None) is not None:
+        raise DataError(f"this model normalises stains ({model.stain_norm.method}), which estimates each image's "
+                        "stain statistics in a Python loop the ONNX exporters cannot follow: it cannot be exported; "
+                        "use it with predict or serve (runtime=torch)")
     model = model.eval()
     size = int(size or model.hparams.image_size)
     example = (torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),)  # 2: batch 1 would be specialised

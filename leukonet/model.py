@@ -29,6 +29,7 @@ from torchmetrics.classification import (
 
 from leukonet.classes import CLASSES
 from leukonet.distributed import gather_rows, loader_indices
+from leukonet.stain_norm import StainNormalizer
 from leukonet.weights import load_pretrained
 
 
@@ -79,6 +80,7 @@ class CellClassifier(L.LightningModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         compile: bool = False,
+        stain_norm: str | None = None,
     ) -> None:
         super().__init__()
         head = {"kind": "linear", "dropout": 0.0, "hidden": 512, **(head or {})}
@@ -93,6 +95,8 @@ class CellClassifier(L.LightningModule):
         self.backbone = net
         self.head = build_head(head["kind"], net.num_features * (2 if head["kind"] == "fastai" else 1),
                                len(class_names), head["dropout"], head["hidden"])
+        # stain normalisation (leukonet.stain_norm), fitted on the training split in setup(); null: none
+        self.stain_norm = StainNormalizer(stain_norm) if stain_norm else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         # calibration, fitted on the validation split after training (leukonet.calibration); saved in checkpoints:
@@ -114,6 +118,7 @@ class CellClassifier(L.LightningModule):
                 "std": std,
                 "scheduler_monitor": scheduler_monitor,
                 "weights_source": self.weights_source,
+                "stain_norm": stain_norm,
             }
         )
         if channels_last:
@@ -149,6 +154,12 @@ class CellClassifier(L.LightningModule):
         model.load_state_dict(_with_calibration(ckpt["state_dict"]))
         model.weights_source = ckpt["hyper_parameters"].get("weights_source")
         return model.eval()
+
+    def setup(self, stage: str) -> None:
+        """Fit the stain normalisation's reference on the training images before training (a resumed run
+        fits the same one, then loads it from the checkpoint)."""
+        if stage == "fit" and self.stain_norm is not None and not bool(self.stain_norm.fitted):
+            self.stain_norm.fit(self.trainer.datamodule.train_pixels())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints from before calibration lack its buffers: temperature 1, no review threshold."""
@@ -187,11 +198,16 @@ class CellClassifier(L.LightningModule):
                     m.eval()
         return self
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """0-255 images -> the backbone's input: stain-normalised (if chosen), scaled by the weights' mean and std."""
+        if self.stain_norm is not None:
+            x = self.stain_norm(x)
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 or float images in 0-255, (B, 3, H, W) -> logits (B, classes)."""
-        x = (x.float() - self.mean) / self.std
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.preprocess(x)
         if self.backbone_frozen:
             with torch.no_grad():  # no activations kept for a backward pass that cannot happen
                 features = self.backbone(x)

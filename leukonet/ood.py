@@ -77,10 +77,7 @@ def features(model, images: torch.Tensor | Sequence[np.ndarray], batch_size: int
 
 def pooled(model, x: torch.Tensor) -> torch.Tensor:
     """The backbone's pooled features of a batch of 0-255 images, normalised as ``CellClassifier.forward`` does."""
-    x = (x.float() - model.mean) / model.std
-    if model.hparams.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return model.backbone(x).float()
+    return model.backbone(model.preprocess(x)).float()
 
 
 def fit(train_features: torch.Tensor, train_labels: Sequence[int], n_classes: int) -> dict[str, torch.Tensor]:

@@ -51,3 +51,10 @@ def portable_path(path: str | Path) -> str:
         except ValueError:
             continue
     return str(path)
+
+
+def portable_text(text: str, repo: str | Path | None = None) -> str:
+    """``text`` (a results file, commands and all) with this machine's checkout layout taken out: paths in the
+    repository become relative to it, paths beside it (``../shared/data``) relative to it too."""
+    repo = Path(repo or Path.cwd()).resolve()
+    return text.replace(f"{repo}/", "").replace(f"{repo.parent}/", "../")

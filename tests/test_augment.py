@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import TINY, compose_cfg
+from conftest import REPO, TINY, compose_cfg
 from leukonet.data.datamodule import CellDataset
 from leukonet.data.synthetic import render_cell
 from leukonet.data.transforms import RomanowskyStainJitter, train_transform
@@ -97,20 +98,34 @@ def test_stain_jitter_moves_violet_and_pink_separately(cell: np.ndarray) -> None
         assert np.abs(od(out)[pink].sum() / od(cell)[pink].sum() - 1) < 0.1
 
 
-def test_the_experiment_composes(tmp_path: Path) -> None:
+OFF_IN_EXPERIMENT = ["scale", "gray", "defocus", "blur", "noise", "jpeg"]  # the ablation's recommendation drops these
+
+
+def test_the_experiment_is_the_ablations_recommendation(tmp_path: Path) -> None:
     cfg = compose_cfg("train", ["+experiment=stain_robust"], tmp_path)
     assert cfg.task_name == "stain_robust" and cfg.model.backbone == "tf_efficientnet_lite0"
-    assert list(cfg.data.augment) == [*compose_cfg("train", [], tmp_path).data.augment, *NEW]
+    assert cfg.model.stain_norm == "reinhard"
+    assert list(cfg.data.augment) == [*compose_cfg("train", [], tmp_path).data.augment, *NEW, "zoom"]
+    assert all(cfg.data.augment[n] is None for n in OFF_IN_EXPERIMENT) and cfg.data.augment.stain is not None
+    assert list(cfg.data.augment.zoom.scale) == [1.0, 3.0]
+    # the recipe the ablation measured (experiments/stain_robustness/ablation.py, variant zoom_stain_reinhard)
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "experiments" / "stain_robustness" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    measured = compose_cfg("train", ablation.VARIANTS["zoom_stain_reinhard"][1], tmp_path)
+    active = lambda c: {k: v for k, v in c.data.augment.items() if v is not None}  # noqa: E731
+    assert active(cfg) == active(measured) and cfg.model == measured.model
     lite0 = compose_cfg("train", ["+experiment=two_phase_lite0"], tmp_path)
-    assert cfg.callbacks == lite0.callbacks and cfg.model == lite0.model  # only the augmentation differs
+    assert cfg.callbacks == lite0.callbacks
 
 
-def test_one_epoch_of_training_with_every_new_transform(cells: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", [["data/augment=stain_robust", *(f"data.augment.{n}.p=1.0" for n in NEW)],
+                                       ["+experiment=stain_robust", "data.augment.zoom.p=1.0"]])
+def test_one_epoch_of_training_with_every_new_transform(cells: Path, tmp_path: Path, overrides: list[str]) -> None:
     overrides = [
-        "+experiment=stain_robust", f"data.root={cells}", "test=false",
+        *overrides, f"data.root={cells}", "test=false",
         *(o for o in TINY if "max_epochs" not in o),
         "callbacks.two_phase.phase1.max_epochs=1", "callbacks.two_phase.phase2.max_epochs=1",
-        *(f"data.augment.{n}.p=1.0" for n in NEW),
     ]
     metrics = train(compose_cfg("train", overrides, tmp_path))
     assert np.isfinite(metrics["val/loss"])

@@ -1,4 +1,5 @@
-"""Smoke tests of issue 3's benchmark scripts (experiments/bench_inference, experiments/bench_fastai).
+"""Smoke tests of the benchmark scripts (issue 3: experiments/bench_inference, experiments/bench_fastai; issue 5:
+experiments/stain_robustness/ablation.py).
 
 They check that the scripts run and write what their READMEs promise, on tiny inputs; the numbers
 themselves are measured by the full runs, on an idle machine, never here.
@@ -17,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE = REPO / "experiments" / "bench_inference" / "bench.py"
 FASTAI = REPO / "experiments" / "bench_fastai" / "bench.py"
+ABLATION = REPO / "experiments" / "stain_robustness" / "ablation.py"
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -88,3 +90,33 @@ def test_bench_fastai_half_quick(tmp_path):
     assert res["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert res["weights"].startswith("package:")  # leukonet.weights' packaged ImageNet weights
     assert len(res["confusion_matrix"]) == len(CLASSES)
+
+
+def test_stain_robustness_ablation_smoke(tmp_path, cells):
+    """Two variants, two seeds, on synthetic cells standing in for both domains, with the tiny model: the script
+    trains, scores both domains, and writes the keys issue 5 asks for (numbers here mean nothing)."""
+    from conftest import TINY
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pbc-2500").symlink_to(cells)
+    (data / "bccd-crops").symlink_to(cells)
+    tiny = [o for o in TINY if "max_epochs" not in o and "progress" not in o]
+    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "1", "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"), "--override", *tiny, "callbacks.two_phase.phase1.max_epochs=1",
+         "callbacks.two_phase.phase2.max_epochs=1", "model.pretrained=false", timeout=600)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["variants"]) == {"baseline", "reinhard"} and res["n_runs"] == 4
+    for key in ("baseline", "recommended"):
+        assert 0 <= res[key]["bccd"]["balanced_accuracy"] <= 1 and 0 <= res[key]["pbc_test"]["accuracy"] <= 1
+    r = res["variants"]["reinhard"]
+    assert r["n_seeds"] == 2 and len(r["bccd"]["balanced_accuracy"]["values"]) == 2
+    assert r["bccd"]["balanced_accuracy"]["std"] is not None
+    assert res["recommended_variant"] in res["variants"]
+    assert "model.stain_norm=reinhard" in res["overrides"]["reinhard"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Recommended" in md and "| reinhard |" in md
+    # a second call reuses the finished runs instead of training again
+    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out2"), "--override", *tiny, timeout=120)
+    assert not list((tmp_path / "work").glob("*/*.interrupted-*"))

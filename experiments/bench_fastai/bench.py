@@ -394,13 +394,14 @@ def leukonet_summary(run_dir: Path, proc: dict, batch_size: int) -> dict:
 
 
 def run_both(args: argparse.Namespace) -> dict:
-    from leukonet.provenance import machine
+    from leukonet.provenance import machine, portable_text
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     work = Path(args.work or REPO / "outputs" / "bench_fastai" / stamp).resolve()
     out = Path(args.out).resolve()
     data = Path(args.data).resolve() if args.data else None
-    size, e1, e2 = (64, 1, 2) if args.quick else (args.image_size, 30, 60)
+    size, e1, e2 = (64, 1, 2) if args.quick else (args.image_size, args.max_epochs1, args.max_epochs2)
+    capped = not args.quick and (e1, e2) != (30, 60)
     if args.quick and data is None:  # a tiny synthetic set, generated once per work dir
         from leukonet.data.synthetic import generate_dataset
 
@@ -414,7 +415,7 @@ def run_both(args: argparse.Namespace) -> dict:
     run_dir = work / "leukonet"
     leuk_cmd = [py, "-m", "leukonet.train", f"+experiment={EXPERIMENT}", f"data.root={data}", f"hydra.run.dir={run_dir}",
                 f"data.image_size={size}", f"data.batch_size={args.batch_size}", f"seed={args.seed}"]
-    if args.quick:
+    if args.quick or capped:
         leuk_cmd += [f"callbacks.two_phase.phase1.max_epochs={e1}", f"callbacks.two_phase.phase2.max_epochs={e2}"]
     if run_dir.exists() and not (work / "leukonet.proc.json").is_file():  # an interrupted run: start afresh
         aside = work / f"leukonet.interrupted-{stamp}"
@@ -438,6 +439,7 @@ def run_both(args: argparse.Namespace) -> dict:
     leuk_res = leukonet_summary(run_dir, leuk, args.batch_size)
     res = {
         "quick": args.quick,
+        "capped": capped,
         "leukonet": leuk_res,
         "fastai": fastai_res,
         "wall_time_ratio": leuk["wall_s"] / fa["wall_s"],
@@ -468,7 +470,7 @@ def run_both(args: argparse.Namespace) -> dict:
         ],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "results.json").write_text(portable_text(json.dumps(res, indent=2) + "\n", REPO))
     write_markdown(res, out / "results.md")
     print(f"[bench_fastai] wall time leukonet {leuk['wall_s']:.0f} s, fastai {fa['wall_s']:.0f} s, ratio "
           f"{res['wall_time_ratio']:.2f}; results in {out}/results.{{json,md}}")
@@ -476,6 +478,8 @@ def run_both(args: argparse.Namespace) -> dict:
 
 
 def write_markdown(res: dict, path: Path) -> None:
+    from leukonet.provenance import portable_text
+
     lk, fa = res["leukonet"], res["fastai"]
 
     def pct(x):
@@ -502,7 +506,10 @@ def write_markdown(res: dict, path: Path) -> None:
         ("other processes' share of the CPU meanwhile", num(lk.get("other_processes_cpu_pct")) + " %",
          num(fa.get("other_processes_cpu_pct")) + " %"),
     ]
+    lim = res["phase_limits"]
     title = "leukonet against the report's fastai recipe" + (" (--quick smoke test on synthetic cells, not a measurement)" if res["quick"] else "")
+    if res.get("capped"):
+        title += f" (capped at {lim['phase1']['max_epochs']} + {lim['phase2']['max_epochs']} epochs)"
     lines = [f"# {title}", "",
              f"- Data: `{res['data']}`; split: leukonet's `split.csv` (train {lk['n']['train']}, val {lk['n']['val']}, "
              f"test {lk['n']['test']}), the same lists fed to fastai",
@@ -514,6 +521,11 @@ def write_markdown(res: dict, path: Path) -> None:
              f"- Command: `{res['command']}`", "",
              ]
     busy = max(lk.get("other_processes_cpu_pct") or 0, fa.get("other_processes_cpu_pct") or 0)
+    if res.get("capped"):
+        lines += [f"**Capped run: each phase stops after at most {lim['phase1']['max_epochs']} and "
+                  f"{lim['phase2']['max_epochs']} epochs (the recipe: 30 and 60, patience 8), in both halves. The wall "
+                  "times compare the same number of epochs of the same recipe; the accuracies are those of a short "
+                  "budget, not of the full recipe.**", ""]
     if busy > 10:
         lines += [f"**Warning: other processes used up to {busy:.0f} % of the machine's CPU time during this run; "
                   "the wall times, images/s and their ratio are not the software's. Rerun on an idle machine.**", ""]
@@ -529,7 +541,7 @@ def write_markdown(res: dict, path: Path) -> None:
               "## What differs, on purpose", ""]
     lines += [f"- {d}" for d in res["differences"]]
     lines += ["", "## Commands run", "", f"- leukonet: `{lk['command']}`", f"- fastai: `{fa['command']}`", ""]
-    path.write_text("\n".join(lines))
+    path.write_text(portable_text("\n".join(lines), REPO))
 
 
 # ============================================================================ command line
@@ -551,6 +563,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     both.add_argument("--threads", type=int, help="torch threads for both (default: torch's own choice, as leukonet)")
     both.add_argument("--workers", type=int, help="fastai DataLoader workers (default: fastai's)")
     both.add_argument("--seed", type=int, default=42)
+    both.add_argument("--max-epochs1", type=int, default=30, help="phase-1 epoch limit in both halves (recipe: 30)")
+    both.add_argument("--max-epochs2", type=int, default=60, help="phase-2 epoch limit in both halves (recipe: 60); "
+                      "lower limits make a capped run, labelled as such in the results")
     both.add_argument("--fastai-python", help="interpreter for the fastai half (default: this one); run.sh "
                       "passes .venv-fastai's where fastai could not go into .venv unchanged")
     fa = sub.add_parser("fastai", help="only the fastai half, on a given split file")

@@ -156,6 +156,11 @@ class CellDataModule(L.LightningDataModule):
         return self.loader("test", sampler=eval_sampler(self._data["test"], self.trainer, "test"))
 
     # -- helpers -----------------------------------------------------------------------
+    def train_pixels(self) -> np.ndarray:
+        """The decoded training images, unaugmented (N, H, W, 3 uint8): what a stain reference is fitted on."""
+        self.setup("fit")
+        return self._data["train"].pixels
+
     def entries(self, split: str) -> list[Entry]:
         return self.splits[split]
 
