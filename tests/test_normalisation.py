@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg
-from leukonet.data.transforms import ROMANOWSKY_STAINS
+from leukonet.data.transforms import RomanowskyStainJitter
 from leukonet.errors import DataError
 from leukonet.model import CellClassifier
 from leukonet.stain_norm import StainNormalizer
@@ -27,15 +27,9 @@ def _smears(cells: Path, n: int = 24) -> np.ndarray:
 
 def _restain(images: np.ndarray, violet: float, pink: float) -> np.ndarray:
     """The same smears stained differently: each Romanowsky stain's optical density scaled (another lab's staining
-    time), by colour deconvolution with the stain vectors of leukonet.data.transforms."""
-    m = np.array(ROMANOWSKY_STAINS)
-    m = np.vstack([m, np.cross(m[0], m[1])])
-    od = -np.log((images.astype(np.float64) + 1) / 256)
-    conc = od.reshape(-1, 3) @ np.linalg.inv(m)
-    conc[:, 0] *= violet
-    conc[:, 1] *= pink
-    out = 256 * np.exp(-(conc @ m)) - 1
-    return out.reshape(images.shape).clip(0, 255).astype(np.uint8)
+    time), by the colour deconvolution of leukonet.data.transforms' stain jitter, with fixed factors."""
+    jitter = RomanowskyStainJitter(p=1.0)
+    return np.stack([jitter.apply(im, scale=np.array([violet, pink]), shift=np.zeros(2)) for im in images])
 
 
 def _chw(images: np.ndarray) -> torch.Tensor:
