@@ -144,7 +144,7 @@ def _preview_module():
 def test_preview_writes_a_grid_per_transform_and_the_page(tmp_path: Path) -> None:
     _preview_module().main(["--synthetic", "--out", str(tmp_path), "--train-size", "48", "--size", "32", "--draws", "2"])
     page = (tmp_path / "augmentations.md").read_text()
-    for name in [*NEW, "report", "stain_robust"]:
+    for name in [*NEW, "zoom", "report", "stain_robust", "experiment"]:  # zoom: added by +experiment=stain_robust
         assert f"(augmentations/{name}.png)" in page
         with Image.open(tmp_path / "augmentations" / f"{name}.png") as img:
             assert img.size == (3 * 36, 5 * 36)  # 5 cells x (original + 2 draws), 2 px borders
@@ -153,6 +153,6 @@ def test_preview_writes_a_grid_per_transform_and_the_page(tmp_path: Path) -> Non
 def test_the_committed_previews_are_listed_and_small() -> None:
     docs = Path(__file__).resolve().parents[1] / "docs"
     page = (docs / "augmentations.md").read_text()
-    for name in NEW:
+    for name in [*NEW, "zoom", "experiment"]:
         png = docs / "augmentations" / f"{name}.png"
         assert f"(augmentations/{name}.png)" in page and png.stat().st_size < 300_000

@@ -116,7 +116,12 @@ def test_stain_robustness_ablation_smoke(tmp_path, cells):
     assert "model.stain_norm=reinhard" in res["overrides"]["reinhard"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Recommended" in md and "| reinhard |" in md
-    # a second call reuses the finished runs instead of training again
+    # a second call reuses the finished runs instead of training again; with a floor given, no baseline is added
+    log = tmp_path / "work" / "reinhard" / "seed0.train.log"
+    written = log.stat().st_mtime_ns
     _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "--work", str(tmp_path / "work"),
-         "--out", str(tmp_path / "out2"), "--override", *tiny, timeout=120)
-    assert not list((tmp_path / "work").glob("*/*.interrupted-*"))
+         "--out", str(tmp_path / "out2"), "--pbc-floor", "0", "--override", *tiny, timeout=120)
+    assert not list((tmp_path / "work").glob("*/*.interrupted-*")) and log.stat().st_mtime_ns == written
+    res = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert set(res["variants"]) == {"reinhard"} and res["baseline"] is None and res["recommended_variant"] == "reinhard"
+    assert "baseline not run here" in (tmp_path / "out2" / "results.md").read_text()

@@ -47,6 +47,10 @@ BASELINE = ["+experiment=two_phase_lite0"]  # the report's recipe and augmentati
 # tight crops: BCCD's crops frame the leukocyte at 2-3x the size PBC's do (the cell fills 70-90 % of the width
 # there, about a third here); zoom into the centre 1-3x, half the time (an entry of this script, not of conf/ yet)
 ZOOM = "+data.augment.zoom={_target_:albumentations.Affine,scale:[1.0,3.0],keep_ratio:true,border_mode:4,p:0.5}"
+# stain jitter wide enough for another lab's staining: BCCD's nuclei carry about half PBC's violet stain (99th
+# percentile of the violet concentration per image, median over images: 1.51 against 2.93 optical density), far
+# outside stain_robust's x0.75-1.25; each stain x0.4-1.3 and shifted ±0.1 OD, on 80 % of the images
+WIDE_STAIN = ["data.augment.stain.scale_range=[0.4,1.3]", "data.augment.stain.shift_range=[-0.1,0.1]", "data.augment.stain.p=0.8"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("the report's augmentation (rotation, flips, crop, perspective, colour jitter)", BASELINE),
     "stain": ("+ Romanowsky stain jitter (colour deconvolution)", only("stain")),
@@ -60,10 +64,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                               [*only(*ADDITIONS), ZOOM, "model.stain_norm=reinhard"]),
     "zoom_stain_reinhard": ("+ zoom, stain jitter and Reinhard normalisation (no scale jitter, no optics)",
                             [*only("stain"), ZOOM, "model.stain_norm=reinhard"]),
+    "zoom_widestain": ("+ zoom and a wide stain jitter (each stain x0.4-1.3, ±0.1 OD, 80 % of images)",
+                       [*only("stain"), *WIDE_STAIN, ZOOM]),
+    "zoom_widestain_reinhard": ("+ zoom, the wide stain jitter and Reinhard normalisation",
+                                [*only("stain"), *WIDE_STAIN, ZOOM, "model.stain_norm=reinhard"]),
 }
 # how many changes each variant makes to the baseline (transforms added, normalisation): "simpler" in recommend()
 CHANGES = {"baseline": 0, "stain": 1, "scale": 1, "zoom": 1, "optics": 5, "reinhard": 1, "all_aug_reinhard": 8,
-           "all_aug_zoom_reinhard": 9, "zoom_stain_reinhard": 3}
+           "all_aug_zoom_reinhard": 9, "zoom_stain_reinhard": 3, "zoom_widestain": 2, "zoom_widestain_reinhard": 3}
 # short: what 2 CPU cores allow for 9 variants x 3 seeds in about 1.5 hours: 128 px and at most 6 + 6 epochs
 # (patience 8 never triggers), so every variant gets the same number of epochs; full: the recipe itself
 BUDGETS = {
@@ -184,11 +192,15 @@ def write(results: dict, out: Path) -> None:
               "| variant | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for v in s:
         lines.append(f"| {v} | " + " | ".join(f"{100 * s[v]['bccd_recall_mean'][c]:.0f}" for c in classes) + " |")
-    rec = results["recommended_variant"]
-    lines += ["", f"## Recommended: `{rec}`", "", results["recommendation_why"], "",
-              f"Targets (issue 5): BCCD balanced accuracy ≥ 80 %: recommended {100 * results['recommended']['bccd']['balanced_accuracy']:.1f} %, "
-              f"baseline {100 * results['baseline']['bccd']['balanced_accuracy']:.1f} %; PBC test accuracy ≥ 98.5 %: recommended "
-              f"{100 * results['recommended']['pbc_test']['accuracy']:.2f} %, baseline {100 * results['baseline']['pbc_test']['accuracy']:.2f} %"
+    rec, base = results["recommended"], results["baseline"]
+
+    def vs_baseline(domain: str, metric: str, digits: int) -> str:
+        return f", baseline {100 * base[domain][metric]:.{digits}f} %" if base else " (baseline not run here)"
+
+    lines += ["", f"## Recommended: `{results['recommended_variant']}`", "", results["recommendation_why"], "",
+              f"Targets (issue 5): BCCD balanced accuracy ≥ 80 %: recommended {100 * rec['bccd']['balanced_accuracy']:.1f} %"
+              f"{vs_baseline('bccd', 'balanced_accuracy', 1)}; PBC test accuracy ≥ 98.5 %: recommended "
+              f"{100 * rec['pbc_test']['accuracy']:.2f} %{vs_baseline('pbc_test', 'accuracy', 2)}"
               + (f" ({results['budget']} budget: PBC accuracy is below the full recipe's)" if results["budget"] != "full" else "") + ".", "",
               "Caveat: choosing the recommendation by its BCCD score makes BCCD a selection set for that choice; a third "
               "lab's cells would be the clean test of it.", ""]
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, help="run directories (default: outputs/stain_robustness/<budget>)")
     p.add_argument("--out", type=Path, default=HERE, help="results.json and results.md (default: %(default)s)")
     p.add_argument("--pbc-floor", type=float, default=None,
-                   help="least mean PBC test accuracy a recommendation may have (default: baseline's mean minus 0.5 points)")
+                   help="least mean PBC test accuracy a recommendation may have (default: baseline's mean minus 0.5 "
+                        "points); given, the baseline runs only if listed in --variants")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides added to every training run (e.g. data.batch_size=64); recorded in results.json")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs torch threads (default: 1); "
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     for sub in ("pbc-2500", "bccd-crops"):
         if not (args.data / sub).is_dir():
             raise SystemExit(f"--data {args.data}: no {sub}/ in it (set LEUKONET_DATA or pass --data)")
-    if "baseline" not in args.variants:
+    if "baseline" not in args.variants and args.pbc_floor is None:  # the floor is measured on it
         args.variants = ["baseline", *args.variants]
     work = (args.work or REPO / "outputs" / "stain_robustness" / args.budget).resolve()
     started = time.perf_counter()
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n": {"pbc_test": rows[0]["pbc_test"]["n"], "bccd": rows[0]["bccd"]["n"]},
         "bccd_support": {d.name: sum(1 for f in d.iterdir() if f.is_file()) for d in sorted(bccd_root.iterdir()) if d.is_dir()},
         "variants": summary,
-        "baseline": means("baseline"),
+        "baseline": means("baseline") if "baseline" in summary else None,
         "recommended_variant": choice,
         "recommended": means(choice),
         "recommendation_why": why,

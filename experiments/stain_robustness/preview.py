@@ -1,8 +1,9 @@
 """Preview grids of the stain, optics and scale augmentation: docs/augmentations/<name>.png.
 
 One grid per transform of ``conf/data/augment/stain_robust.yaml`` that report.yaml lacks (forced
-to p=1, so every draw shows it), plus the whole report and stain_robust pipelines with their own
-probabilities. Rows: one cell per class; first column the cell as loaded, then ``--draws`` draws.
+to p=1, so every draw shows it), one per transform that ``+experiment=stain_robust`` (the ablation's
+recommendation) adds or sets differently (``experiment_<name>`` for the latter), plus the whole report,
+stain_robust and recommended pipelines with their own probabilities. Rows: one cell per class; first column the cell as loaded, then ``--draws`` draws.
 Also writes docs/augmentations.md listing the grids with each entry's config comment.
 
     python experiments/stain_robustness/preview.py                 # PBC cells if found, else synthetic
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from leukonet.classes import CLASSES
@@ -68,7 +70,7 @@ def entry_comments(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     name = None
     for line in path.read_text().splitlines():
-        if m := re.match(r"^(\w+):\s*#\s*(.*)$", line):
+        if m := re.match(r"^\s*(\w+):\s*#\s*(.*)$", line):
             name, out[m[1]] = m[1], m[2].strip()
         elif name and (m := re.match(r"^\s+#\s*(.*)$", line)):
             out[name] += " " + m[1].strip()
@@ -77,13 +79,25 @@ def entry_comments(path: Path) -> dict[str, str]:
     return out
 
 
-def augments(size: int) -> dict[str, dict]:
-    def build(name: str) -> dict:
+def augment_configs(size: int) -> dict[str, dict]:
+    """The augment entries (plain dicts, None where switched off) of report, stain_robust and the experiment."""
+    def build(override: str) -> dict:
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"data/augment={name}", f"data.image_size={size}"])
-        return instantiate(cfg.data.augment, _convert_="all")
+            cfg = compose(config_name="train", overrides=[override, f"data.image_size={size}"])
+        return OmegaConf.to_container(cfg.data.augment, resolve=True)
 
-    return {"report": build("report"), "stain_robust": build("stain_robust")}
+    return {"report": build("data/augment=report"), "stain_robust": build("data/augment=stain_robust"),
+            "experiment": build("+experiment=stain_robust")}
+
+
+def pipeline(entries: dict) -> A.Compose:
+    """The transforms of switched-on entries, in order."""
+    return A.Compose([instantiate(c) for c in entries.values() if c is not None])
+
+
+def single(config: dict) -> A.Compose:
+    """One transform at p=1, so every draw shows it."""
+    return A.Compose([instantiate({**config, "p": 1.0})])
 
 
 def grid(cells: list[np.ndarray], transform: A.Compose, draws: int, seed: int, size: int) -> Image.Image:
@@ -125,19 +139,27 @@ def main(argv: list[str] | None = None) -> int:
 
     data = None if args.synthetic else (args.data or find_pbc())
     cells, source = load_cells(data, args.train_size)
-    pipelines = augments(args.train_size)
-    report, robust = pipelines["report"], pipelines["stain_robust"]
+    configs = augment_configs(args.train_size)
+    report, robust, experiment = configs["report"], configs["stain_robust"], configs["experiment"]
     comments = {**entry_comments(AUGMENT / "report.yaml"), **entry_comments(AUGMENT / "stain_robust.yaml")}
     comments["report"] = "the report's whole augmentation (conf/data/augment/report.yaml), each transform at its own p"
     comments["stain_robust"] = "the whole stain_robust augmentation, each transform at its own p (he_stain off)"
+    comments["experiment"] = ("the recommended augmentation, `+experiment=stain_robust` (conf/experiment/stain_robust.yaml), "
+                              "each transform at its own p")
+    in_experiment = entry_comments(Path(CONF) / "experiment" / "stain_robust.yaml")
 
     figures: dict[str, A.Compose] = {}
-    for name, t in robust.items():
-        if name not in report and t is not None:
-            t.p = 1.0  # show the transform in every draw
-            figures[name] = A.Compose([t])
-    figures["report"] = A.Compose(list(report.values()))
-    figures["stain_robust"] = A.Compose([t for t in augments(args.train_size)["stain_robust"].values() if t is not None])
+    for name, c in robust.items():
+        if name not in report and c is not None:
+            figures[name] = single(c)
+    for name, c in experiment.items():
+        if c is not None and c != robust.get(name):
+            shown = name if name not in robust else f"experiment_{name}"
+            figures[shown] = single(c)
+            comments[shown] = in_experiment.get(name, f"{name} as +experiment=stain_robust sets it")
+    figures["report"] = pipeline(report)
+    figures["stain_robust"] = pipeline(robust)
+    figures["experiment"] = pipeline(experiment)
 
     folder = args.out / "augmentations"
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Rows: {source} (one per class: {', '.join(CLASSES)}), augmented at the training size "
         f"({args.train_size} px, as pixel sizes in the configs mean) and shown at {args.size} px; first column as "
         f"loaded, then {args.draws} random draws. Single transforms are shown at p=1; the pipelines at their configured p.",
-        "Configs: `conf/data/augment/report.yaml` (the default) and `conf/data/augment/stain_robust.yaml`",
-        "(`data/augment=stain_robust`, or `+experiment=stain_robust`). Regenerate with",
+        "Configs: `conf/data/augment/report.yaml` (the default), `conf/data/augment/stain_robust.yaml`",
+        "(`data/augment=stain_robust`) and the recommendation `conf/experiment/stain_robust.yaml`",
+        "(`+experiment=stain_robust`: stain_robust with some entries off, zoom added). Regenerate with",
         "`python experiments/stain_robustness/preview.py` (PBC-2500 cells if found, else synthetic).",
         "",
     ]
