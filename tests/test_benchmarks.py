@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,3 +126,37 @@ def test_stain_robustness_ablation_smoke(tmp_path, cells):
     res = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert set(res["variants"]) == {"reinhard"} and res["baseline"] is None and res["recommended_variant"] == "reinhard"
     assert "baseline not run here" in (tmp_path / "out2" / "results.md").read_text()
+
+
+def _variant(pbc: float, bccd: float, sd: float | None = None) -> dict:
+    return {"pbc_test": {"accuracy": {"mean": pbc}}, "bccd": {"balanced_accuracy": {"mean": bccd, "std": sd}}}
+
+
+def test_ablation_recommendation_rule() -> None:
+    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    # the best on BCCD among those above the PBC floor; within one sd of it, the one with the fewest changes
+    summary = {"baseline": _variant(0.90, 0.30), "zoom": _variant(0.80, 0.70),
+               "zoom_stain_reinhard": _variant(0.90, 0.55, 0.06), "stain": _variant(0.90, 0.50)}
+    choice, why = ablation.recommend(summary, pbc_floor=0.895)
+    assert choice == "stain" and "fewer changes" in why and "zoom (PBC 80.0 %" in why
+    # no variant reaches the floor: all compete, and the text says the floor is missed
+    choice, why = ablation.recommend(summary, pbc_floor=0.985)
+    assert choice == "zoom" and "none reaches the floor" in why and "not eligible" not in why
+
+
+def test_zoom_out_scores_each_factor_and_padding(tmp_path, trained_run, cells) -> None:
+    spec = importlib.util.spec_from_file_location("zoom_out", REPO / "experiments" / "stain_robustness" / "zoom_out.py")
+    zoom_out = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoom_out)
+    image = np.full((30, 20, 3), 200, np.uint8)
+    image[10:20, 5:15] = 40
+    padded = zoom_out.zoom_out(image, 2.0, "background")
+    assert padded.shape == (60, 60, 3) and (padded[25:35, 25:35] == 40).all() and padded[0, 0].tolist() == [200] * 3
+    res = zoom_out.main(["--ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--data", str(cells),
+                         "--factors", "1", "2", "--out", str(tmp_path)])
+    rows = next(iter(res["checkpoints"].values()))
+    assert set(rows) == {"reflect", "background"} and set(rows["reflect"]) == {"1.0", "2.0"}
+    assert all(0 <= r["balanced_accuracy"] <= 1 for m in rows.values() for r in m.values())
+    assert "| reflect |" in (tmp_path / "results.md").read_text()
