@@ -72,7 +72,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 # how many changes each variant makes to the baseline (transforms added, normalisation): "simpler" in recommend()
 CHANGES = {"baseline": 0, "stain": 1, "scale": 1, "zoom": 1, "optics": 5, "reinhard": 1, "all_aug_reinhard": 8,
            "all_aug_zoom_reinhard": 9, "zoom_stain_reinhard": 3, "zoom_widestain": 2, "zoom_widestain_reinhard": 3}
-# short: what 2 CPU cores allow for 9 variants x 3 seeds in about 1.5 hours: 128 px and at most 6 + 6 epochs
+# short: what 2 CPU cores allow for the first 9 variants x 3 seeds in about 1.5 hours: 128 px and at most 6 + 6 epochs
 # (patience 8 never triggers), so every variant gets the same number of epochs; full: the recipe itself
 BUDGETS = {
     "short": ["data.image_size=128", "callbacks.two_phase.phase1.max_epochs=6", "callbacks.two_phase.phase2.max_epochs=6"],

@@ -3,7 +3,8 @@
 One grid per transform of ``conf/data/augment/stain_robust.yaml`` that report.yaml lacks (forced
 to p=1, so every draw shows it), one per transform that ``+experiment=stain_robust`` (the ablation's
 recommendation) adds or sets differently (``experiment_<name>`` for the latter), plus the whole report,
-stain_robust and recommended pipelines with their own probabilities. Rows: one cell per class; first column the cell as loaded, then ``--draws`` draws.
+stain_robust and recommended pipelines with their own probabilities. Rows: one cell per class; first
+column the cell as loaded, then ``--draws`` draws.
 Also writes docs/augmentations.md listing the grids with each entry's config comment.
 
     python experiments/stain_robustness/preview.py                 # PBC cells if found, else synthetic
