@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # leukonet from this checkout, also without an editable install
 
-from leukonet.data.folder import load_rgb, scan_folder  # noqa: E402
+from leukonet.data.folder import load_rgb, resize_square, scan_folder  # noqa: E402
 from leukonet.data.transforms import eval_transform  # noqa: E402
 from leukonet.model import CellClassifier  # noqa: E402
 from leukonet.provenance import machine, portable_text  # noqa: E402
@@ -53,8 +53,8 @@ def zoom_out(image: np.ndarray, factor: float, mode: str) -> np.ndarray:
 
 
 def shrink(image: np.ndarray, size: int) -> np.ndarray:
-    """Resized to ``size`` x ``size`` as ``load_rgb`` does when the data module decodes (so x1 scores as evaluate)."""
-    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    """Resized to ``size`` x ``size`` as the data module's decoding does (so x1 scores as evaluate)."""
+    return np.array(resize_square(Image.fromarray(image), size))
 
 
 @torch.no_grad()

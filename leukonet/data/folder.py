@@ -129,8 +129,13 @@ def load_rgb(
         except _DECODE_ERRORS as err:
             raise ValueError(f"{path}: corrupt or truncated image data ({type(err).__name__}: {err})") from err
     if size is not None:
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        rgb = resize_square(rgb, size)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def resize_square(rgb: Image.Image, size: int) -> Image.Image:
+    """``rgb`` resized to ``size`` x ``size`` the way every decoded image is (bilinear, antialiased when shrinking)."""
+    return rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
