@@ -126,6 +126,13 @@ def test_stain_robustness_ablation_smoke(tmp_path, cells):
     res = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert set(res["variants"]) == {"reinhard"} and res["baseline"] is None and res["recommended_variant"] == "reinhard"
     assert "baseline not run here" in (tmp_path / "out2" / "results.md").read_text()
+    # --finished-only trains nothing: seed 5 was never run, so it is listed as not run and left out of the means
+    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "5", "--work",
+         str(tmp_path / "work"), "--out", str(tmp_path / "out3"), "--pbc-floor", "0", "--finished-only", timeout=120)
+    assert not (tmp_path / "work" / "reinhard" / "seed5").exists() and log.stat().st_mtime_ns == written
+    res = json.loads((tmp_path / "out3" / "results.json").read_text())
+    assert res["n_runs"] == 1 and res["not_run"] == ["reinhard seed 5"] and res["variants"]["reinhard"]["seeds"] == [0]
+    assert "Not finished, left out: reinhard seed 5" in (tmp_path / "out3" / "results.md").read_text()
 
 
 def _variant(pbc: float, bccd: float, sd: float | None = None) -> dict:

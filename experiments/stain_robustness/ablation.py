@@ -11,7 +11,8 @@ selection: each run keeps its checkpoint by PBC validation loss), and writes ``r
 
 Runs go to ``outputs/stain_robustness/<budget>/<variant>/seed<k>/`` (``--work``); a run whose two reports
 exist is not run again, so an interrupted ablation is continued by calling it again. Runs go seed by seed
-(every variant with seed 0 first), so a partial ablation still compares all variants.
+(every variant with seed 0 first), so a partial ablation still compares all variants; ``--finished-only`` trains
+nothing and summarises the runs that are finished (variants may then have different numbers of seeds).
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def run(cmd: list[str], log: Path, threads: int | None) -> None:
         raise SystemExit(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nsee {log}")
 
 
-def one_run(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
-    """Train one variant with one seed, then score BCCD; reuses a finished run."""
+def one_run(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict | None:
+    """Train one variant with one seed, then score BCCD; reuses a finished run (with ``--finished-only``, None
+    for a run that is not finished)."""
     run_dir = work / variant / f"seed{seed}"
     pbc, bccd = run_dir / "metrics.json", run_dir / "bccd" / "metrics.json"
     if not (pbc.is_file() and bccd.is_file()):
+        if args.finished_only:
+            return None
         if run_dir.exists():  # an interrupted run: kept aside, never overwritten
             aside = run_dir.with_name(f"seed{seed}.interrupted-{datetime.now():%Y%m%d-%H%M%S}")
             run_dir.rename(aside)
@@ -177,19 +181,20 @@ def write(results: dict, out: Path) -> None:
              f"Trained on PBC-2500 (Acevedo et al., Data in Brief 30:105474, 2020, CC BY 4.0), split 70/15/15 with "
              f"seed 42; scored on its test split (n={results['n']['pbc_test']}) and on BCCD crops (BCCD dataset, "
              f"MIT licence; n={results['n']['bccd']}, never used for training or checkpoint selection). "
-             f"Per variant: mean ± sample standard deviation over seeds {results['seeds_run']} (training randomness: "
+             "Per variant: mean ± sample standard deviation over the seeds in the last column (training randomness: "
              "augmentation draws, shuffling, dropout; the split is the same).", "",
              f"- Protocol: {results['protocol']}", f"- Machine: {results['machine']}", f"- Command: `{results['command']}`",
              f"- Time: {results['n_runs']} run{'s' if results['n_runs'] != 1 else ''}, {results['jobs']} at a time, each {min(r['wall_s'] for r in results['runs']) / 60:.1f}"
              f"-{max(r['wall_s'] for r in results['runs']) / 60:.1f} min (training, test split, BCCD), "
              f"{results['run_wall_s_sum'] / 3600:.1f} h of runs in all",
-             *(f"- {r['variant']} seed {r['seed']}: {r['note']}" for r in results["runs"] if r.get("note")), "",
+             *(f"- {r['variant']} seed {r['seed']}: {r['note']}" for r in results["runs"] if r.get("note")),
+             *([f"- Not finished, left out: {', '.join(results['not_run'])}"] if results["not_run"] else []), "",
              "| variant | what | PBC test acc % | PBC macro-F1 % | BCCD acc % | BCCD balanced acc % | BCCD macro-F1 % | seeds |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for v in s:
         lines.append(f"| {v} | {VARIANTS[v][0]} | {cell(v, 'pbc_test', 'accuracy')} | {cell(v, 'pbc_test', 'macro_f1')} | "
                      f"{cell(v, 'bccd', 'accuracy')} | {cell(v, 'bccd', 'balanced_accuracy')} | "
-                     f"{cell(v, 'bccd', 'macro_f1')} | {s[v]['n_seeds']} |")
+                     f"{cell(v, 'bccd', 'macro_f1')} | {' '.join(map(str, s[v]['seeds']))} |")
     classes = list(next(iter(s.values()))["bccd_recall_mean"])
     lines += ["", "BCCD recall per class (mean over seeds, %; BCCD has "
               + ", ".join(f"{results['bccd_support'].get(c, '?')} {c}s" for c in classes) + "):", "",
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "points); given, the baseline runs only if listed in --variants")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides added to every training run (e.g. data.batch_size=64); recorded in results.json")
+    p.add_argument("--finished-only", action="store_true", help="train nothing: summarise the finished runs among "
+                   "--variants x --seeds (the others are listed as not run)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs torch threads (default: 1); "
                    "on 2 cores, 2 jobs use the core a single run leaves idle while it augments")
     args = p.parse_args(argv)
@@ -238,16 +245,25 @@ def main(argv: list[str] | None = None) -> dict:
         args.variants = ["baseline", *args.variants]
     work = (args.work or REPO / "outputs" / "stain_robustness" / args.budget).resolve()
     started = time.perf_counter()
-    def task(v: str, seed: int) -> dict:
-        print(f"[ablation] {v} seed {seed} starts ({datetime.now():%H:%M:%S})", flush=True)
+    def task(v: str, seed: int) -> dict | None:
+        if not args.finished_only:
+            print(f"[ablation] {v} seed {seed} starts ({datetime.now():%H:%M:%S})", flush=True)
         r = one_run(v, seed, args, work)
+        if r is None:
+            print(f"[ablation] {v} seed {seed}: not finished, left out", flush=True)
+            return None
         print(f"[ablation] {v} seed {seed}: PBC test acc {r['pbc_test']['accuracy']:.4f}, BCCD balanced acc "
               f"{r['bccd']['balanced_accuracy']:.4f} ({r['wall_s']} s)", flush=True)
         return r
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # seed by seed: every variant with seed 0 first
-        rows = list(pool.map(lambda vs: task(*vs), [(v, s) for s in args.seeds for v in args.variants]))
-    summary = {v: summarise([r for r in rows if r["variant"] == v]) for v in args.variants}
+        planned = [(v, s) for s in args.seeds for v in args.variants]
+        rows = list(pool.map(lambda vs: task(*vs), planned))
+    not_run = [f"{v} seed {s}" for (v, s), r in zip(planned, rows) if r is None]
+    rows = [r for r in rows if r is not None]
+    summary = {v: summarise(mine) for v in args.variants if (mine := [r for r in rows if r["variant"] == v])}
+    if not summary or (args.pbc_floor is None and "baseline" not in summary):
+        raise SystemExit(f"no finished runs to summarise{' (baseline: none, and no --pbc-floor)' if summary else ''} in {work}")
     floor = args.pbc_floor if args.pbc_floor is not None else summary["baseline"]["pbc_test"]["accuracy"]["mean"] - 0.005
     choice, why = recommend(summary, floor)
 
@@ -271,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pbc_floor": floor,
         "runs": rows,
         "n_runs": len(rows),
+        "not_run": not_run,
         "wall_s": round(time.perf_counter() - started, 1),
         "run_wall_s_sum": round(sum(r["wall_s"] or 0 for r in rows), 1),
         "jobs": args.jobs,
