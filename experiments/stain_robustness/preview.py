@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"loaded, then {args.draws} random draws. Single transforms are shown at p=1; the pipelines at their configured p.",
         "Configs: `conf/data/augment/report.yaml` (the default), `conf/data/augment/stain_robust.yaml`",
         "(`data/augment=stain_robust`) and the recommendation `conf/experiment/stain_robust.yaml`",
-        "(`+experiment=stain_robust`: stain_robust with some entries off, zoom added). Regenerate with",
+        "(`+experiment=stain_robust`: the report's augmentation with zoom added). Regenerate with",
         "`python experiments/stain_robustness/preview.py` (PBC-2500 cells if found, else synthetic).",
         "",
     ]
