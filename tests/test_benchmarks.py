@@ -132,6 +132,7 @@ def test_stain_robustness_ablation_smoke(tmp_path, cells):
     assert not (tmp_path / "work" / "reinhard" / "seed5").exists() and log.stat().st_mtime_ns == written
     res = json.loads((tmp_path / "out3" / "results.json").read_text())
     assert res["n_runs"] == 1 and res["not_run"] == ["reinhard seed 5"] and res["variants"]["reinhard"]["seeds"] == [0]
+    assert res["jobs"] is None  # this call ran nothing
     assert "Not finished, left out: reinhard seed 5" in (tmp_path / "out3" / "results.md").read_text()
 
 

@@ -177,6 +177,7 @@ def write(results: dict, out: Path) -> None:
         x = s[v][domain][m]
         return f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f}" if x["std"] is not None else f"{100 * x['mean']:.1f}"
 
+    pace = f"{results['jobs']} at a time" if results["jobs"] else "made by earlier calls (--finished-only)"
     lines = [f"# Stain robustness ablation ({results['budget']} budget)", "",
              f"Trained on PBC-2500 (Acevedo et al., Data in Brief 30:105474, 2020, CC BY 4.0), split 70/15/15 with "
              f"seed 42; scored on its test split (n={results['n']['pbc_test']}) and on BCCD crops (BCCD dataset, "
@@ -184,7 +185,8 @@ def write(results: dict, out: Path) -> None:
              "Per variant: mean ± sample standard deviation over the seeds in the last column (training randomness: "
              "augmentation draws, shuffling, dropout; the split is the same).", "",
              f"- Protocol: {results['protocol']}", f"- Machine: {results['machine']}", f"- Command: `{results['command']}`",
-             f"- Time: {results['n_runs']} run{'s' if results['n_runs'] != 1 else ''}, {results['jobs']} at a time, each {min(r['wall_s'] for r in results['runs']) / 60:.1f}"
+             f"- Time: {results['n_runs']} run{'s' if results['n_runs'] != 1 else ''}, "
+             f"{pace}, each {min(r['wall_s'] for r in results['runs']) / 60:.1f}"
              f"-{max(r['wall_s'] for r in results['runs']) / 60:.1f} min (training, test split, BCCD), "
              f"{results['run_wall_s_sum'] / 3600:.1f} h of runs in all",
              *(f"- {r['variant']} seed {r['seed']}: {r['note']}" for r in results["runs"] if r.get("note")),
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "not_run": not_run,
         "wall_s": round(time.perf_counter() - started, 1),
         "run_wall_s_sum": round(sum(r["wall_s"] or 0 for r in rows), 1),
-        "jobs": args.jobs,
+        "jobs": None if args.finished_only else args.jobs,  # None: this call ran nothing
         "machine": machine(),
         "command": shlex.join(["python", str(Path(__file__).resolve().relative_to(REPO)), *(argv if argv is not None else sys.argv[1:])]),
         "citations": ["PBC: Acevedo et al., Data in Brief 30:105474, 2020 (CC BY 4.0)", "BCCD dataset (MIT licence)"],
