@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,14 @@ from leukonet.data.synthetic import generate_dataset
 from leukonet.train import CONF
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    """An experiment script (not a package module) imported by its path, to test its functions."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data() -> Path | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import REPO, TINY, compose_cfg
+from conftest import REPO, TINY, compose_cfg, load_script
 from leukonet.data.datamodule import CellDataset
 from leukonet.data.synthetic import render_cell
 from leukonet.data.transforms import RomanowskyStainJitter, train_transform
@@ -104,9 +103,7 @@ def test_the_experiment_is_the_ablations_recommendation(tmp_path: Path) -> None:
     assert list(cfg.data.augment) == [*compose_cfg("train", [], tmp_path).data.augment, "zoom"]
     assert list(cfg.data.augment.zoom.scale) == [1.0, 3.0]
     # the recipe the full-budget ablation measured (experiments/stain_robustness/ablation.py, variant zoom)
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "experiments" / "stain_robustness" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = load_script(REPO / "experiments" / "stain_robustness" / "ablation.py")
     measured = compose_cfg("train", ablation.VARIANTS["zoom"][1], tmp_path)
     assert cfg.data.augment == measured.data.augment and cfg.model == measured.model
     lite0 = compose_cfg("train", ["+experiment=two_phase_lite0"], tmp_path)
@@ -125,18 +122,9 @@ def test_one_epoch_of_training_with_every_new_transform(cells: Path, tmp_path: P
     assert np.isfinite(metrics["val/loss"])
 
 
-def _preview_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "stain_robustness" / "preview.py"
-    spec = importlib.util.spec_from_file_location("stain_preview", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_preview_writes_a_grid_per_transform_and_the_page(tmp_path: Path) -> None:
-    _preview_module().main(["--synthetic", "--out", str(tmp_path), "--train-size", "48", "--size", "32", "--draws", "2"])
+    preview = load_script(REPO / "experiments" / "stain_robustness" / "preview.py")
+    preview.main(["--synthetic", "--out", str(tmp_path), "--train-size", "48", "--size", "32", "--draws", "2"])
     page = (tmp_path / "augmentations.md").read_text()
     for name in [*NEW, "zoom", "report", "stain_robust", "experiment"]:  # zoom: added by +experiment=stain_robust
         assert f"(augmentations/{name}.png)" in page

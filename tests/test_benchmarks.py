@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY, load_script
+
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE = REPO / "experiments" / "bench_inference" / "bench.py"
 FASTAI = REPO / "experiments" / "bench_fastai" / "bench.py"
@@ -54,9 +56,7 @@ def test_bench_inference_quick(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 def test_bench_inference_onnx_row() -> None:
-    spec = importlib.util.spec_from_file_location("bench_inference", INFERENCE)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(INFERENCE)
     from leukonet.model import CellClassifier
 
     model = CellClassifier(backbone="test_efficientnet", pretrained=False, image_size=32).eval()
@@ -96,7 +96,6 @@ def test_bench_fastai_half_quick(tmp_path):
 def test_stain_robustness_ablation_smoke(tmp_path, cells):
     """Two variants, two seeds, on synthetic cells standing in for both domains, with the tiny model: the script
     trains, scores both domains, and writes the keys issue 5 asks for (numbers here mean nothing)."""
-    from conftest import TINY
 
     data = tmp_path / "data"
     data.mkdir()
@@ -141,9 +140,7 @@ def _variant(pbc: float, bccd: float, sd: float | None = None) -> dict:
 
 
 def test_ablation_recommendation_rule() -> None:
-    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = load_script(ABLATION)
     # the best on BCCD among those above the PBC floor; within one sd of it, the one with the fewest changes
     summary = {"baseline": _variant(0.90, 0.30), "zoom": _variant(0.80, 0.70),
                "zoom_stain_reinhard": _variant(0.90, 0.55, 0.06), "stain": _variant(0.90, 0.50)}
@@ -155,9 +152,7 @@ def test_ablation_recommendation_rule() -> None:
 
 
 def test_zoom_out_scores_each_factor_and_padding(tmp_path, trained_run, cells) -> None:
-    spec = importlib.util.spec_from_file_location("zoom_out", REPO / "experiments" / "stain_robustness" / "zoom_out.py")
-    zoom_out = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoom_out)
+    zoom_out = load_script(REPO / "experiments" / "stain_robustness" / "zoom_out.py")
     image = np.full((30, 20, 3), 200, np.uint8)
     image[10:20, 5:15] = 40
     padded = zoom_out.zoom_out(image, 2.0, "background")
