@@ -67,8 +67,11 @@ def test_bench_inference_onnx_row() -> None:
         assert row[key]["batch"] == batch and row[key]["images_per_s"]["median"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fastai") is None,
-                    reason="fastai is not installed (optional: experiments/bench_fastai/run.sh installs it)")
+needs_fastai = pytest.mark.skipif(importlib.util.find_spec("fastai") is None,
+                                  reason="fastai is not installed (optional: experiments/bench_fastai/run.sh installs it)")
+
+
+@needs_fastai
 def test_bench_fastai_half_quick(tmp_path):
     from leukonet.classes import CLASSES
     from leukonet.data.folder import scan_folder
@@ -91,6 +94,35 @@ def test_bench_fastai_half_quick(tmp_path):
     assert res["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert res["weights"].startswith("package:")  # leukonet.weights' packaged ImageNet weights
     assert len(res["confusion_matrix"]) == len(CLASSES)
+
+
+@needs_fastai
+def test_bench_fastai_in_two_calls(tmp_path):
+    """A full side-by-side outlasts some sessions: --only fastai measures that half on a given split, a second call
+    measures leukonet's on the same split and writes the results; a call with other options refuses the kept half."""
+    from leukonet.data.folder import scan_folder
+    from leukonet.data.split import stratified_split, write_split
+    from leukonet.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "cells", n_per_class=8, size=48, seed=0)
+    split, work, out = tmp_path / "split.csv", tmp_path / "work", tmp_path / "out"
+    write_split(stratified_split(scan_folder(root).entries), split)
+    common = [str(FASTAI), "--quick", "--data", str(root), "--split", str(split), "--work", str(work), "--out", str(out),
+              "--threads", "1", "--workers", "0"]
+    _run(*common, "--only", "fastai")
+    assert (work / "fastai.proc.json").is_file() and not (work / "leukonet").exists() and not (out / "results.json").exists()
+    written = (work / "fastai.log").stat().st_mtime_ns
+    _run(*common)
+    res = json.loads((out / "results.json").read_text())
+    assert res["fastai"]["reused"] and not res["leukonet"].get("reused")
+    assert (work / "fastai.log").stat().st_mtime_ns == written  # the fastai half was not run again
+    assert f"data.split_file={split}" in res["leukonet"]["command"] and res["split_file"] == str(split)
+    assert (work / "leukonet" / "split.csv").read_text() == split.read_text()
+    assert res["leukonet"]["test_n"] == res["fastai"]["test_n"]
+    assert res["machine_per_half"]["leukonet"] == res["machine_per_half"]["fastai"] == res["machine"]
+    assert "fastai: measured by an earlier call" in (out / "results.md").read_text()
+    other = subprocess.run([sys.executable, *common, "--seed", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "choose another --work" in other.stderr
 
 
 def test_stain_robustness_ablation_smoke(tmp_path, cells):

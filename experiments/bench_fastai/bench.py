@@ -9,6 +9,8 @@ The first form (``run``, the default) runs, one after the other, as separate pro
 2. this script's ``fastai`` half on the same images with that ``split.csv``;
 
 measures each process's wall time and peak memory, and writes ``results.json`` and ``results.md``.
+With ``--split FILE`` both halves use that split; ``--only HALF`` runs one half and keeps its measurements
+in ``--work``, so a later call with the same options runs the other half and writes the results.
 
 The fastai half is the report's recipe written with fastai's own API (``Learner``, ``create_head``,
 ``freeze``/``unfreeze``, ``EarlyStoppingCallback``, ``SaveModelCallback``), with the parts that must
@@ -337,11 +339,17 @@ def measured_once(cmd: list[str], work: Path, name: str, env: dict, done: Path, 
     record = work / f"{name}.proc.json"
     if record.is_file() and done.is_file():
         old = json.loads(record.read_text())
+        if old.get("command") != shlex.join(cmd):
+            raise SystemExit(f"{record}: the {name} half finished there was run as\n  {old.get('command')}\nnot as\n  "
+                             f"{shlex.join(cmd)}\ncall again with the options of that run, or choose another --work")
         if old.get("returncode") == 0:
             print(f"[bench_fastai] {name}: reusing the finished run in {work} (measured {old['finished']})", flush=True)
             return {**old, "reused": True}
     print(f"[bench_fastai] {label or name}: {shlex.join(cmd)}", flush=True)
-    result = {**measure(cmd, work / f"{name}.log", env), "finished": datetime.now().isoformat(timespec="seconds")}
+    from leukonet.provenance import machine
+
+    result = {**measure(cmd, work / f"{name}.log", env), "finished": datetime.now().isoformat(timespec="seconds"),
+              "machine": machine()}
     record.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -417,24 +425,40 @@ def run_both(args: argparse.Namespace) -> dict:
                 f"data.image_size={size}", f"data.batch_size={args.batch_size}", f"seed={args.seed}"]
     if args.quick or capped:
         leuk_cmd += [f"callbacks.two_phase.phase1.max_epochs={e1}", f"callbacks.two_phase.phase2.max_epochs={e2}"]
-    if run_dir.exists() and not (work / "leukonet.proc.json").is_file():  # an interrupted run: start afresh
-        aside = work / f"leukonet.interrupted-{stamp}"
-        run_dir.rename(aside)
-        print(f"[bench_fastai] moved the unfinished leukonet run to {aside}", flush=True)
-    leuk = measured_once(leuk_cmd, work, "leukonet", env, done=run_dir / "metrics.json", label="1/2 leukonet")
-    if leuk["returncode"] != 0:
-        raise SystemExit(f"leukonet failed (exit {leuk['returncode']}); see {leuk['log']}")
+    split = Path(args.split).resolve() if args.split else run_dir / "split.csv"
+    if args.split:
+        if not split.is_file():
+            raise SystemExit(f"--split {split}: no such file (a leukonet split.csv: path,label,split)")
+        leuk_cmd.append(f"data.split_file={split}")
+    elif args.only == "fastai" and not (work / "leukonet.proc.json").is_file():
+        raise SystemExit("--only fastai needs a split: pass --split FILE (a leukonet split.csv of the same data and "
+                         "seed, e.g. experiments/two_phase/split.csv), or run the leukonet half first")
+    leuk = None
+    if args.only != "fastai":
+        if run_dir.exists() and not (work / "leukonet.proc.json").is_file():  # an interrupted run: start afresh
+            aside = work / f"leukonet.interrupted-{stamp}"
+            run_dir.rename(aside)
+            print(f"[bench_fastai] moved the unfinished leukonet run to {aside}", flush=True)
+        leuk = measured_once(leuk_cmd, work, "leukonet", env, done=run_dir / "metrics.json", label="leukonet half")
+        if leuk["returncode"] != 0:
+            raise SystemExit(f"leukonet failed (exit {leuk['returncode']}); see {leuk['log']}")
     fa_json = work / "fastai.json"
-    fa_cmd = [args.fastai_python or py, str(Path(__file__).resolve()), "fastai", "--data", str(data), "--split", str(run_dir / "split.csv"),
+    fa_cmd = [args.fastai_python or py, str(Path(__file__).resolve()), "fastai", "--data", str(data), "--split", str(split),
               "--json", str(fa_json), "--work", str(work / "fastai"), "--image-size", str(size),
               "--batch-size", str(args.batch_size), "--epochs1", str(e1), "--epochs2", str(e2), "--seed", str(args.seed)]
     if args.threads:
         fa_cmd += ["--threads", str(args.threads)]
     if args.workers is not None:
         fa_cmd += ["--workers", str(args.workers)]
-    fa = measured_once(fa_cmd, work, "fastai", env, done=fa_json, label="2/2 fastai")
-    if fa["returncode"] != 0:
-        raise SystemExit(f"fastai failed (exit {fa['returncode']}); see {fa['log']}")
+    fa = None
+    if args.only != "leukonet":
+        fa = measured_once(fa_cmd, work, "fastai", env, done=fa_json, label="fastai half")
+        if fa["returncode"] != 0:
+            raise SystemExit(f"fastai failed (exit {fa['returncode']}); see {fa['log']}")
+    if leuk is None or fa is None:
+        print(f"[bench_fastai] --only {args.only}: that half is measured and kept in {work}; for the other half and "
+              f"the results, call again with the same options and --work, without --only", flush=True)
+        return {"only": args.only, "work_dir": str(work), args.only: leuk or fa}
     fastai_res = {**fa, **json.loads(fa_json.read_text())}
     leuk_res = leukonet_summary(run_dir, leuk, args.batch_size)
     res = {
@@ -446,12 +470,13 @@ def run_both(args: argparse.Namespace) -> dict:
         "wall_time_ratio_means": "leukonet process wall time / fastai process wall time (each: start-up, data, "
                                  "both phases, test; leukonet also validates the final model and writes its report)",
         "data": str(data),
-        "split_file": str(run_dir / "split.csv"),
+        "split_file": str(split),
         "image_size": size,
         "batch_size": args.batch_size,
         "phase_limits": {"phase1": {"max_epochs": e1, "lr": 1e-3, "patience": 8},
                          "phase2": {"max_epochs": e2, "lr": 1e-5, "patience": 8}},
         "machine": machine(),
+        "machine_per_half": {"leukonet": leuk.get("machine"), "fastai": fa.get("machine")},  # None: not recorded
         "threads_requested": args.threads,
         "versions": {"leukonet": versions(CORE), "fastai": fastai_res["versions"]},
         "same_core_versions": all(versions(CORE)[k] == fastai_res["versions"].get(k) for k in CORE),
@@ -529,6 +554,10 @@ def write_markdown(res: dict, path: Path) -> None:
     if busy > 10:
         lines += [f"**Warning: other processes used up to {busy:.0f} % of the machine's CPU time during this run; "
                   "the wall times, images/s and their ratio are not the software's. Rerun on an idle machine.**", ""]
+    per_half = {h: m for h, m in res.get("machine_per_half", {}).items() if m}
+    if len(set(per_half.values())) > 1:
+        lines += ["**Warning: the two halves ran on different machines (" + "; ".join(f"{h}: {m}" for h, m in per_half.items())
+                  + "); their times do not compare.**", ""]
     reused = [h for h, r in (("leukonet", lk), ("fastai", fa)) if r.get("reused")]
     if reused:
         lines += [f"({' and '.join(reused)}: measured by an earlier call with the same --work, "
@@ -566,6 +595,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     both.add_argument("--max-epochs1", type=int, default=30, help="phase-1 epoch limit in both halves (recipe: 30)")
     both.add_argument("--max-epochs2", type=int, default=60, help="phase-2 epoch limit in both halves (recipe: 60); "
                       "lower limits make a capped run, labelled as such in the results")
+    both.add_argument("--split", help="a leukonet split.csv (path,label,split) both halves use (leukonet: data.split_file); "
+                      "default: the one leukonet's run writes, which the fastai half then reads")
+    both.add_argument("--only", choices=("leukonet", "fastai"), help="run this half and stop; a later call with the same "
+                      "options and --work, without --only, runs the other half and writes the results (the full run "
+                      "takes longer than some sessions; --only fastai needs --split)")
     both.add_argument("--fastai-python", help="interpreter for the fastai half (default: this one); run.sh "
                       "passes .venv-fastai's where fastai could not go into .venv unchanged")
     fa = sub.add_parser("fastai", help="only the fastai half, on a given split file")
