@@ -121,6 +121,11 @@ def test_bench_fastai_in_two_calls(tmp_path):
     assert res["leukonet"]["test_n"] == res["fastai"]["test_n"]
     assert res["machine_per_half"]["leukonet"] == res["machine_per_half"]["fastai"] == res["machine"]
     assert "fastai: measured by an earlier call" in (out / "results.md").read_text()
+    t = res["targets"]  # issue 3's targets, computed from the two halves
+    assert t["wall_time_ratio"]["value"] == res["wall_time_ratio"] and t["accuracy_vs_report"]["bound"] == 371 / 375
+    assert t["accuracy_vs_fastai"]["met"] == (res["leukonet"]["test_accuracy"] >= res["fastai"]["test_accuracy"])
+    assert t["profile"]["epochs"]["fastai"] == res["fastai"]["epochs"] and set(t["profile"]["per_epoch_ratio"]) == {"phase1", "phase2"}
+    assert "## Targets (issue 3)" in (out / "results.md").read_text()
     other = subprocess.run([sys.executable, *common, "--seed", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and "choose another --work" in other.stderr
 

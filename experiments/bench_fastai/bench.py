@@ -47,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BACKBONE = "tf_efficientnet_lite0"
 EXPERIMENT = "two_phase_lite0"
+REPORT_ACCURACY = 371 / 375  # the report's test accuracy (98.93 %), issue 3's accuracy target
+MAX_WALL_TIME_RATIO = 0.5  # issue 3: leukonet's wall time at most half of fastai's, at equal or better accuracy
 
 
 CORE = ("torch", "torchvision", "numpy", "lightning", "timm", "albumentations", "pillow", "opencv-python-headless")
@@ -401,6 +403,34 @@ def leukonet_summary(run_dir: Path, proc: dict, batch_size: int) -> dict:
     }
 
 
+def seconds_per_epoch(half: dict) -> dict:
+    """Mean seconds an epoch (validation included) in each phase; fastai's from its fits, leukonet's from its log."""
+    if "phases" in half:  # fastai
+        times = {p: v["wall_s"] for p, v in half["phases"].items()}
+    else:
+        times = half.get("phases_s") or {}
+    return {p: round(t / half["epochs"][p], 2) for p, t in times.items() if half["epochs"].get(p)}
+
+
+def targets(leuk: dict, fa: dict, ratio: float) -> dict:
+    """Issue 3's targets, each with the value, the bound, whether it is met and the gap (value - bound), and
+    where the time went (seconds an epoch and epochs run per phase, in each half)."""
+    acc = leuk["test_accuracy"]
+    rows = {
+        "accuracy_vs_report": (acc, REPORT_ACCURACY, acc >= REPORT_ACCURACY),
+        "accuracy_vs_fastai": (acc, fa["test_accuracy"], acc >= fa["test_accuracy"]),
+        "wall_time_ratio": (ratio, MAX_WALL_TIME_RATIO, ratio <= MAX_WALL_TIME_RATIO and acc >= fa["test_accuracy"]),
+    }
+    out = {k: {"value": v, "bound": b, "met": met, "gap": v - b} for k, (v, b, met) in rows.items()}
+    lk_e, fa_e = seconds_per_epoch(leuk), seconds_per_epoch(fa)
+    out["profile"] = {
+        "seconds_per_epoch": {"leukonet": lk_e, "fastai": fa_e},
+        "per_epoch_ratio": {p: round(lk_e[p] / fa_e[p], 3) for p in lk_e if fa_e.get(p)},
+        "epochs": {"leukonet": leuk["epochs"], "fastai": fa["epochs"]},
+    }
+    return out
+
+
 def run_both(args: argparse.Namespace) -> dict:
     from leukonet.provenance import machine, portable_text
 
@@ -464,6 +494,7 @@ def run_both(args: argparse.Namespace) -> dict:
     res = {
         "quick": args.quick,
         "capped": capped,
+        "targets": targets(leuk_res, fastai_res, leuk["wall_s"] / fa["wall_s"]),
         "leukonet": leuk_res,
         "fastai": fastai_res,
         "wall_time_ratio": leuk["wall_s"] / fa["wall_s"],
@@ -500,6 +531,32 @@ def run_both(args: argparse.Namespace) -> dict:
     print(f"[bench_fastai] wall time leukonet {leuk['wall_s']:.0f} s, fastai {fa['wall_s']:.0f} s, ratio "
           f"{res['wall_time_ratio']:.2f}; results in {out}/results.{{json,md}}")
     return res
+
+
+def target_lines(t: dict) -> list[str]:
+    """results.md's targets table, and where the time went."""
+    def row(what, key, fmt):
+        r = t[key]
+        return f"| {what} | {fmt(r['value'])} | {fmt(r['bound'])} | {'yes' if r['met'] else '**no**'} | {fmt(r['gap'], True)} |"
+
+    def acc(x, signed=False):
+        return f"{100 * x:+.2f} points" if signed else f"{100 * x:.2f} %"
+
+    def ratio(x, signed=False):
+        return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+    prof = t["profile"]
+    lk_e, fa_e, lk_n, fa_n = (prof["seconds_per_epoch"]["leukonet"], prof["seconds_per_epoch"]["fastai"],
+                              prof["epochs"]["leukonet"], prof["epochs"]["fastai"])
+    per_epoch = "; ".join(f"phase {p[-1]}: {lk_e[p]:.1f} s against {fa_e[p]:.1f} s ({r:.2f})"
+                          for p, r in prof["per_epoch_ratio"].items())
+    return ["## Targets (issue 3)", "", "| target | value | bound | met | gap |", "|---|---:|---:|:---:|---:|",
+            row("leukonet test accuracy at least the report's (371/375)", "accuracy_vs_report", acc),
+            row("leukonet test accuracy at least fastai's", "accuracy_vs_fastai", acc),
+            row(f"wall_time_ratio at most {MAX_WALL_TIME_RATIO} (at equal or better accuracy)", "wall_time_ratio", ratio), "",
+            f"Where the time went: seconds an epoch, validation included, leukonet against fastai: {per_epoch}. "
+            f"Epochs run, phase 1 + phase 2: leukonet {lk_n['phase1']} + {lk_n['phase2']}, fastai {fa_n['phase1']} + "
+            f"{fa_n['phase2']} (early stopping sets them, in each half on its own validation losses).", ""]
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -564,8 +621,9 @@ def write_markdown(res: dict, path: Path) -> None:
                   "on the machine named above.)", ""]
     lines += ["| | leukonet | fastai (report's recipe) |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", f"**wall_time_ratio = {res['wall_time_ratio']:.3f}** ({res['wall_time_ratio_means']}).", "",
-              "Phase times: leukonet from its log's timestamps (" + lk["phases_timed_from"] + "); fastai from "
+    lines += ["", f"**wall_time_ratio = {res['wall_time_ratio']:.3f}** ({res['wall_time_ratio_means']}).", ""]
+    lines += target_lines(res["targets"])
+    lines += ["Phase times: leukonet from its log's timestamps (" + lk["phases_timed_from"] + "); fastai from "
               "each `learn.fit`. Training images / s = images trained on in both phases / time in the two phases.", "",
               "## What differs, on purpose", ""]
     lines += [f"- {d}" for d in res["differences"]]
