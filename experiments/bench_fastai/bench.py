@@ -491,13 +491,14 @@ def run_both(args: argparse.Namespace) -> dict:
         return {"only": args.only, "work_dir": str(work), args.only: leuk or fa}
     fastai_res = {**fa, **json.loads(fa_json.read_text())}
     leuk_res = leukonet_summary(run_dir, leuk, args.batch_size)
+    ratio = leuk["wall_s"] / fa["wall_s"]
     res = {
         "quick": args.quick,
         "capped": capped,
-        "targets": targets(leuk_res, fastai_res, leuk["wall_s"] / fa["wall_s"]),
+        "targets": targets(leuk_res, fastai_res, ratio),
         "leukonet": leuk_res,
         "fastai": fastai_res,
-        "wall_time_ratio": leuk["wall_s"] / fa["wall_s"],
+        "wall_time_ratio": ratio,
         "wall_time_ratio_means": "leukonet process wall time / fastai process wall time (each: start-up, data, "
                                  "both phases, test; leukonet also validates the final model and writes its report)",
         "data": str(data),
