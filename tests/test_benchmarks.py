@@ -153,15 +153,21 @@ def test_stain_robustness_ablation_smoke(tmp_path, cells):
     assert "model.stain_norm=reinhard" in res["overrides"]["reinhard"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Recommended" in md and "| reinhard |" in md
-    # a second call reuses the finished runs instead of training again; with a floor given, no baseline is added
+    assert "bccd_d4" not in r and "d4" not in md  # test-time augmentation only with --tta
+    # a second call reuses the finished runs instead of training again; with a floor given, no baseline is added;
+    # --tta scores the finished run's checkpoint on BCCD with d4 test-time augmentation as well
     log = tmp_path / "work" / "reinhard" / "seed0.train.log"
     written = log.stat().st_mtime_ns
     _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "--work", str(tmp_path / "work"),
-         "--out", str(tmp_path / "out2"), "--pbc-floor", "0", "--override", *tiny, timeout=120)
+         "--out", str(tmp_path / "out2"), "--pbc-floor", "0", "--tta", "--override", *tiny, timeout=180)
     assert not list((tmp_path / "work").glob("*/*.interrupted-*")) and log.stat().st_mtime_ns == written
     res = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert set(res["variants"]) == {"reinhard"} and res["baseline"] is None and res["recommended_variant"] == "reinhard"
-    assert "baseline not run here" in (tmp_path / "out2" / "results.md").read_text()
+    d4 = json.loads((tmp_path / "work" / "reinhard" / "seed0" / "bccd_d4" / "metrics.json").read_text())
+    assert res["runs"][0]["bccd_d4"]["balanced_accuracy"] == d4["balanced_accuracy"] and d4["tta"] == "d4"
+    assert res["variants"]["reinhard"]["bccd_d4"]["balanced_accuracy"]["values"] == [d4["balanced_accuracy"]]
+    md = (tmp_path / "out2" / "results.md").read_text()
+    assert "baseline not run here" in md and "BCCD d4 balanced acc %" in md
     # --finished-only trains nothing: seed 5 was never run, so it is listed as not run and left out of the means
     _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "5", "--work",
          str(tmp_path / "work"), "--out", str(tmp_path / "out3"), "--pbc-floor", "0", "--finished-only", timeout=120)
@@ -200,3 +206,30 @@ def test_zoom_out_scores_each_factor_and_padding(tmp_path, trained_run, cells) -
     assert set(rows) == {"reflect", "background"} and set(rows["reflect"]) == {"1.0", "2.0"}
     assert all(0 <= r["balanced_accuracy"] <= 1 for m in rows.values() for r in m.values())
     assert "| reflect |" in (tmp_path / "results.md").read_text()
+
+
+def test_colour_probe_changes_and_scores(tmp_path, trained_run, cells) -> None:
+    probe = load_script(REPO / "experiments" / "stain_robustness" / "colour_probe.py")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    assert np.abs(probe.shift_hue_saturation(image).astype(int) - image).max() <= 1  # no change: the same picture
+    turned = probe.shift_hue_saturation(np.array([[[200, 40, 40]]], np.uint8), degrees=120)  # red -> green
+    assert turned[0, 0].argmax() == 1 and np.abs(probe.shift_hue_saturation(turned, degrees=-120).astype(int) - [200, 40, 40]).max() <= 1
+    assert probe.shift_hue_saturation(image, saturation=0.0).std(axis=2).max() == 0  # grey
+    assert probe.less_detail(image, 2).shape == image.shape and probe.less_detail(image, 2).std() < image.std()
+    # the set-wide match gives the external set the reference's LAB mean and spread
+    a = [rng.integers(0, 120, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    b = [rng.integers(100, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    src, dst = probe.lab_stats(a), probe.lab_stats(b)
+    got = probe.lab_stats([probe.match_lab(im, src, dst) for im in a])
+    assert np.allclose(got[0], dst[0], atol=1.5) and np.allclose(got[1], dst[1], rtol=0.1)
+    hue, sat = probe.hue_and_saturation(np.array([[[40, 40, 200]] * 4] * 4, np.uint8), centre=0.5)  # blue: 240°
+    assert abs(hue - 240) < 0.5 and abs(sat - 0.8) < 0.01 and probe.hue_and_saturation(image * 0 + 90, 1.0)[1] == 0
+    res = probe.main(["--ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--data", str(cells),
+                      "--reference", str(cells), "--reference-images", "5", "--out", str(tmp_path)])
+    assert set(res["colour"]["data"]) == {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+    assert all(0 <= v["hue"] < 360 and 0 <= v["saturation"] <= 1 for v in res["colour"]["data"].values())
+    rows = next(iter(res["checkpoints"].values()))
+    assert list(rows)[0] == "as is" and "hue +27°" in rows and "set colour matched to the reference" in rows
+    assert all(0 <= r["balanced_accuracy"] <= 1 and len(r["recall"]) == 5 for r in rows.values())
+    assert "| hue +27° |" in (tmp_path / "results.md").read_text()

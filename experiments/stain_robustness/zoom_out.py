@@ -20,13 +20,14 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.functional.classification import multiclass_accuracy
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -58,14 +59,39 @@ def shrink(image: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def score(model: CellClassifier, images: list[np.ndarray], labels: torch.Tensor, factor: float, mode: str) -> dict:
+def score(model: CellClassifier, images: list[np.ndarray], labels: torch.Tensor,
+          change: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Balanced accuracy, accuracy and recall per class of ``model`` on ``images``, each changed by ``change``
+    at its own size, then resized as evaluate does."""
     size = model.hparams.image_size
     transform = eval_transform(size)
-    x = torch.stack([transform(image=shrink(zoom_out(im, factor, mode), size))["image"] for im in images])
+    x = torch.stack([transform(image=shrink(change(im), size))["image"] for im in images])
     preds = torch.cat([model(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
     n = len(model.hparams.class_names)
+    recall = multiclass_recall(preds, labels, n, average=None).tolist()
     return {"balanced_accuracy": multiclass_accuracy(preds, labels, n, average="macro").item(),
-            "accuracy": multiclass_accuracy(preds, labels, n, average="micro").item()}
+            "accuracy": multiclass_accuracy(preds, labels, n, average="micro").item(),
+            "recall": dict(zip(model.hparams.class_names, recall))}
+
+
+def load_folder(data: Path) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Every readable image of a class-per-folder set at its own size, with its label (unreadable ones: named, skipped)."""
+    images, labels = [], []
+    for e in scan_folder(data).entries:
+        try:
+            images.append(load_rgb(data / e.path))
+            labels.append(e.label)
+        except ValueError as err:
+            print(f"skipped {err}", file=sys.stderr)
+    return images, torch.tensor(labels)
+
+
+def save_json(results: dict, out: Path, script: Path, argv: list[str] | None) -> None:
+    """``results`` with the machine and the command that made them, written to ``out/results.json``."""
+    results["machine"] = machine()
+    results["command"] = shlex.join(["python", str(script.resolve().relative_to(REPO)), *(argv if argv is not None else sys.argv[1:])])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(portable_text(json.dumps(results, indent=2) + "\n", REPO))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,27 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
     if any(f < 1 for f in args.factors):
         raise SystemExit(f"--factors {args.factors}: each must be at least 1 (1: the crop as it is)")
 
-    entries = scan_folder(data).entries
-    images, labels = [], []
-    for e in entries:
-        try:
-            images.append(load_rgb(data / e.path))
-            labels.append(e.label)
-        except ValueError as err:
-            print(f"skipped {err}", file=sys.stderr)
-    labels = torch.tensor(labels)
+    images, labels = load_folder(data)
     results = {"data": str(data), "n": len(images), "factors": args.factors, "modes": list(MODES), "checkpoints": {}}
     for ckpt in args.ckpt:
         model = CellClassifier.from_checkpoint(ckpt)
         rows = results["checkpoints"][str(ckpt)] = {}
         for mode in MODES:
-            rows[mode] = {str(f): score(model, images, labels, f, mode) for f in args.factors}
+            rows[mode] = {str(f): score(model, images, labels, lambda im, f=f, mode=mode: zoom_out(im, f, mode)) for f in args.factors}
             print(ckpt, mode, {f: round(r["balanced_accuracy"], 3) for f, r in rows[mode].items()}, flush=True)
-    results["machine"] = machine()
-    results["command"] = shlex.join(["python", str(Path(__file__).resolve().relative_to(REPO)),
-                                     *(argv if argv is not None else sys.argv[1:])])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(portable_text(json.dumps(results, indent=2) + "\n", REPO))
+    save_json(results, args.out, Path(__file__), argv)
     lines = ["# Test-time zoom-out on external crops", "",
              f"Balanced accuracy (accuracy) on `{data.name}` (n={len(images)}) with each crop padded to the factor "
              "times its side before the model's resize; 1 = the crop as it is.", "",
