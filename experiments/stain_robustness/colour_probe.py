@@ -2,11 +2,12 @@
 
 With zoom, BCCD's eosinophils are still called neutrophils (16 % recall at the full budget). This script scores a
 trained checkpoint on an image folder after one change at a time, with recall per class, to tell the suspects
-apart: the hue (BCCD's cells sit about 27° below PBC's), the saturation (BCCD's is about half PBC's), the detail
+apart: the hue (BCCD's leukocytes sit 7-26° below PBC's), the saturation (about half PBC's), the detail
 (the zoomed training cells carry fewer pixels than BCCD's), and the colour of the whole set (the external set's
 pooled CIE-LAB mean and spread set to the reference set's, one mapping for all its images, unlike per-image
-Reinhard normalisation, which lets a cell's own colour move its mapping). It diagnoses; none of these changes
-is offered as a fix, since each is tuned by looking at the external set.
+Reinhard normalisation, which lets a cell's own colour move its mapping). It also tabulates the leukocytes' hue
+and saturation per class in both sets. It diagnoses; none of these changes is offered as a fix, since each is
+tuned by looking at the external set.
 
     python experiments/stain_robustness/colour_probe.py --ckpt RUN/checkpoints/best.ckpt [RUN2/...]
 
