@@ -117,6 +117,12 @@ def run(cmd: list[str], log: Path, threads: int | None) -> None:
         raise SystemExit(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nsee {log}")
 
 
+def bccd_command(run_dir: Path, name: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    """evaluate on the BCCD crops with the run's best checkpoint, the report in ``run_dir/name``."""
+    return [sys.executable, "-m", "leukonet.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+            f"data.root={args.data / 'bccd-crops'}", f"hydra.run.dir={run_dir / name}", *extra]
+
+
 def one_run(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict | None:
     """Train one variant with one seed, then score BCCD; reuses a finished run (with ``--finished-only``, None
     for a run that is not finished)."""
@@ -135,16 +141,13 @@ def one_run(variant: str, seed: int, args: argparse.Namespace, work: Path) -> di
                      "~callbacks.progress_bar", "trainer.enable_progress_bar=false", *args.override]
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         run(train_cmd, run_dir.parent / f"seed{seed}.train.log", args.threads)
-        eval_cmd = [sys.executable, "-m", "leukonet.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
-                    f"data.root={args.data / 'bccd-crops'}", f"hydra.run.dir={run_dir / 'bccd'}"]
+        eval_cmd = bccd_command(run_dir, "bccd", args)
         run(eval_cmd, run_dir.parent / f"seed{seed}.bccd.log", args.threads)
         (run_dir / "ablation.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1),
                                                            "train": shlex.join(train_cmd), "bccd": shlex.join(eval_cmd)}))
     d4 = run_dir / "bccd_d4" / "metrics.json"
     if args.tta and not d4.is_file() and not args.finished_only:  # also for runs finished by an earlier call
-        run([sys.executable, "-m", "leukonet.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "tta=d4",
-             f"data.root={args.data / 'bccd-crops'}", f"hydra.run.dir={d4.parent}"], run_dir.parent / f"seed{seed}.bccd_d4.log",
-            args.threads)
+        run(bccd_command(run_dir, "bccd_d4", args, "tta=d4"), run_dir.parent / f"seed{seed}.bccd_d4.log", args.threads)
     p, b = json.loads(pbc.read_text()), json.loads(bccd.read_text())
     t = json.loads(d4.read_text()) if args.tta and d4.is_file() else None
     info = json.loads((run_dir / "ablation.json").read_text()) if (run_dir / "ablation.json").is_file() else {}

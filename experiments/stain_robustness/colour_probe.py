@@ -73,15 +73,19 @@ def match_lab(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: 
     return cv2.cvtColor(np.rint(lab).clip(0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
+def circular_mean(degrees: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The (weighted) mean direction of angles in degrees, in [0, 360); 0 where every weight is 0."""
+    angle, w = np.radians(degrees), np.ones_like(degrees) if weights is None else weights
+    return float(np.degrees(np.arctan2((np.sin(angle) * w).sum(), (np.cos(angle) * w).sum())) % 360)
+
+
 def hue_and_saturation(image: np.ndarray, centre: float) -> tuple[float, float]:
     """Saturation-weighted circular mean hue (degrees) and mean saturation (0-1) of the central ``centre`` of ``image``
     (its share of the width and height), where the leukocyte is."""
     h, w = image.shape[:2]
     dh, dw = round(h * centre / 2), round(w * centre / 2)
     hsv = cv2.cvtColor(image[h // 2 - dh : h // 2 + dh, w // 2 - dw : w // 2 + dw].astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
-    angle, weight = np.radians(hsv[..., 0]), hsv[..., 1]
-    hue = np.degrees(np.arctan2((np.sin(angle) * weight).sum(), (np.cos(angle) * weight).sum())) % 360
-    return float(hue), float(weight.mean())
+    return circular_mean(hsv[..., 0], weights=hsv[..., 1]), float(hsv[..., 1].mean())
 
 
 def colour_by_class(images: list[np.ndarray], labels: list[int], centre: float) -> dict[int, dict[str, float]]:
@@ -89,8 +93,7 @@ def colour_by_class(images: list[np.ndarray], labels: list[int], centre: float) 
     out = {}
     for c in sorted(set(labels)):
         hs = np.array([hue_and_saturation(im, centre) for im, y in zip(images, labels) if y == c])
-        hue = np.degrees(np.arctan2(np.sin(np.radians(hs[:, 0])).mean(), np.cos(np.radians(hs[:, 0])).mean())) % 360
-        out[c] = {"hue": round(float(hue), 1), "saturation": round(float(hs[:, 1].mean()), 3), "n": len(hs)}
+        out[c] = {"hue": round(circular_mean(hs[:, 0]), 1), "saturation": round(float(hs[:, 1].mean()), 3), "n": len(hs)}
     return out
 
 
@@ -127,11 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     reference, reference_labels = load_folder(args.reference)
     picked = np.random.default_rng(0).choice(len(reference), min(args.reference_images, len(reference)), replace=False)
     probes = changes(images, [reference[i] for i in picked])
-    classes = CLASSES  # folder labels are indices into leukonet's class list
     colour = {"data": colour_by_class(images, labels.tolist(), args.centre[0]),
               "reference": colour_by_class([reference[i] for i in picked], reference_labels[picked].tolist(), args.centre[1])}
     results = {"data": str(args.data), "n": len(images), "reference": str(args.reference), "reference_images": len(picked),
-               "colour": {k: {classes[c]: v for c, v in by.items()} for k, by in colour.items()}, "centre": args.centre,
+               "colour": {k: {CLASSES[c]: v for c, v in by.items()} for k, by in colour.items()}, "centre": args.centre,  # folder labels index CLASSES
                "checkpoints": {}}
     for ckpt in args.ckpt:
         model = CellClassifier.from_checkpoint(ckpt)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"saturation, {args.reference.name} |", "|---|---:|---:|---:|---:|"]
     ext, ref = results["colour"]["data"], results["colour"]["reference"]
     lines += [f"| {c} | {ext[c]['hue']:.0f} | {ref[c]['hue']:.0f} | {ext[c]['saturation']:.2f} | {ref[c]['saturation']:.2f} |"
-              for c in classes if c in ext and c in ref]
+              for c in CLASSES if c in ext and c in ref]
     lines.append("")
     classes = list(next(iter(next(iter(results["checkpoints"].values())).values()))["recall"])
     for ckpt, rows in results["checkpoints"].items():
