@@ -233,3 +233,24 @@ def test_colour_probe_changes_and_scores(tmp_path, trained_run, cells) -> None:
     assert list(rows)[0] == "as is" and "hue +27°" in rows and "set colour matched to the reference" in rows
     assert all(0 <= r["balanced_accuracy"] <= 1 and len(r["recall"]) == 5 for r in rows.values())
     assert "| hue +27° |" in (tmp_path / "results.md").read_text()
+
+
+def test_label_review_splits_recall_by_look(tmp_path) -> None:
+    review = load_script(REPO / "experiments" / "stain_robustness" / "eosinophils" / "label_review.py")
+    (tmp_path / "review.csv").write_text("file,look\na.jpg,granules\nb.jpg,granules\nc.jpg,neutrophil-like\nd.jpg,unclear\n")
+    rows = [("eosinophil/a.jpg", "eosinophil", "eosinophil"), ("eosinophil/b.jpg", "eosinophil", "monocyte"),
+            ("eosinophil/c.jpg", "eosinophil", "neutrophil"), ("eosinophil/d.jpg", "eosinophil", "eosinophil"),
+            ("neutrophil/e.jpg", "neutrophil", "neutrophil")]  # other classes are not counted
+    (tmp_path / "predictions.csv").write_text("path,true,predicted\n" + "".join(f"/x/{p},{t},{c}\n" for p, t, c in rows))
+    res = review.main(["--predictions", str(tmp_path / "predictions.csv"), "--review", str(tmp_path / "review.csv"),
+                       "--out", str(tmp_path / "out")])
+    assert res["group_size"] == {"granules": 2, "unclear": 1, "neutrophil-like": 1}
+    assert res["mean_eosinophil_recall"] == {"granules": 0.5, "unclear": 1.0, "neutrophil-like": 0.0}
+    assert res["called_share"]["granules"]["monocyte"] == 0.5 and res["called_share"]["neutrophil-like"]["neutrophil"] == 1.0
+    assert "| granules | 2 |" in (tmp_path / "out" / "label_review.md").read_text()
+    (tmp_path / "bad.csv").write_text("file,look\na.jpg,maybe\n")  # a group the script does not know
+    with pytest.raises(SystemExit, match="unknown look"):
+        review.main(["--predictions", str(tmp_path / "predictions.csv"), "--review", str(tmp_path / "bad.csv")])
+    (tmp_path / "more.csv").write_text("file,look\na.jpg,granules\nz.jpg,granules\n")  # reviewed, not predicted
+    with pytest.raises(SystemExit, match="not in it"):
+        review.main(["--predictions", str(tmp_path / "predictions.csv"), "--review", str(tmp_path / "more.csv")])
