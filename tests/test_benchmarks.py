@@ -254,3 +254,25 @@ def test_label_review_splits_recall_by_look(tmp_path) -> None:
     (tmp_path / "more.csv").write_text("file,look\na.jpg,granules\nz.jpg,granules\n")  # reviewed, not predicted
     with pytest.raises(SystemExit, match="not in it"):
         review.main(["--predictions", str(tmp_path / "predictions.csv"), "--review", str(tmp_path / "more.csv")])
+
+
+def test_reframe_writes_centred_copies_and_the_split(tmp_path, cells) -> None:
+    reframe = load_script(REPO / "experiments" / "stain_robustness" / "reframe.py")
+    image = np.full((120, 120, 3), 235, np.uint8)
+    image[70:100, 20:50] = (120, 60, 160)  # a violet "nucleus" off centre, in pale cytoplasm
+    crop, found = reframe.reframe(image, 0.65)
+    assert found and crop.shape == (reframe.SIDE, reframe.SIDE, 3)
+    mid = crop[reframe.SIDE // 2 - 5 : reframe.SIDE // 2 + 5, reframe.SIDE // 2 - 5 : reframe.SIDE // 2 + 5]
+    assert (mid.astype(int).sum(axis=2) < 500).all()  # the cell is now in the middle
+    blank, found = reframe.reframe(np.full((64, 80, 3), 235, np.uint8), 0.65)  # no cell: kept whole
+    assert not found and blank.shape == (reframe.SIDE, reframe.SIDE, 3)
+    (tmp_path / "data").mkdir()
+    for name in ("pbc-2500", "bccd-crops"):
+        (tmp_path / "data" / name).symlink_to(cells)
+    counts = reframe.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    n = sum(1 for f in cells.rglob("*") if f.suffix in (".png", ".jpg"))  # the images (not the generator's notes)
+    assert sum(counts["pbc-2500"].values()) == n and len(list((tmp_path / "out" / "bccd-crops").rglob("*.png"))) == n
+    split = (tmp_path / "out" / "split.csv").read_text().splitlines()
+    assert split[0] == "path,label,split" and len(split) == n + 1 and all(r.split(",")[0].endswith(".png") for r in split[1:])
+    with pytest.raises(SystemExit, match="exists"):  # never overwritten
+        reframe.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
