@@ -223,6 +223,13 @@ def test_colour_probe_changes_and_scores(tmp_path, trained_run, cells) -> None:
     src, dst = probe.lab_stats(a), probe.lab_stats(b)
     got = probe.lab_stats([probe.match_lab(im, src, dst) for im in a])
     assert np.allclose(got[0], dst[0], atol=1.5) and np.allclose(got[1], dst[1], rtol=0.1)
+    # stain amounts: matched to its own levels the crop stays itself; matched to others it reaches them
+    cell = np.full((32, 32, 3), 230, np.uint8)
+    cell[8:24, 8:24] = (110, 50, 150)  # violet nucleus
+    cell[2:6, 2:30] = (220, 120, 140)  # pink (eosin) band
+    assert np.abs(probe.match_stain(cell, probe.stain_levels(cell)).astype(int) - cell).max() <= 1
+    target = probe.stain_levels(cell) * [1.5, 0.8]
+    assert np.allclose(probe.stain_levels(probe.match_stain(cell, target)), target, rtol=0.05)
     hue, sat = probe.hue_and_saturation(np.array([[[40, 40, 200]] * 4] * 4, np.uint8), centre=0.5)  # blue: 240°
     assert abs(hue - 240) < 0.5 and abs(sat - 0.8) < 0.01 and probe.hue_and_saturation(image * 0 + 90, 1.0)[1] == 0
     res = probe.main(["--ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--data", str(cells),
@@ -231,6 +238,7 @@ def test_colour_probe_changes_and_scores(tmp_path, trained_run, cells) -> None:
     assert all(0 <= v["hue"] < 360 and 0 <= v["saturation"] <= 1 for v in res["colour"]["data"].values())
     rows = next(iter(res["checkpoints"].values()))
     assert list(rows)[0] == "as is" and "hue +27°" in rows and "set colour matched to the reference" in rows
+    assert "stain amounts matched to the reference" in rows and set(res["stain_levels"]["data"]) == {"violet", "pink"}
     assert all(0 <= r["balanced_accuracy"] <= 1 and len(r["recall"]) == 5 for r in rows.values())
     assert "| hue +27° |" in (tmp_path / "results.md").read_text()
 

@@ -3,9 +3,11 @@
 With zoom, BCCD's eosinophils are still called neutrophils (16 % recall at the full budget). This script scores a
 trained checkpoint on an image folder after one change at a time, with recall per class, to tell the suspects
 apart: the hue (BCCD's leukocytes sit 7-26° below PBC's), the saturation (about half PBC's), the detail
-(the zoomed training cells carry fewer pixels than BCCD's), and the colour of the whole set (the external set's
+(the zoomed training cells carry fewer pixels than BCCD's), the colour of the whole set (the external set's
 pooled CIE-LAB mean and spread set to the reference set's, one mapping for all its images, unlike per-image
-Reinhard normalisation, which lets a cell's own colour move its mapping). It also tabulates the leukocytes' hue
+Reinhard normalisation, which lets a cell's own colour move its mapping), and the amount of each stain (each crop's
+violet and pink concentrations, from RomanowskyStainJitter's colour deconvolution, scaled so their 99th percentiles
+are the reference set's median: BCCD's nuclei hold about half PBC's violet). It also tabulates the leukocytes' hue
 and saturation per class in both sets. It diagnoses; none of these changes is offered as a fix, since each is
 tuned by looking at the external set.
 
@@ -31,6 +33,7 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]  # leukonet from this checkout (also without an editable install); zoom_out.py
 
 from leukonet.classes import CLASSES  # noqa: E402
+from leukonet.data.transforms import stain_basis  # noqa: E402
 from leukonet.model import CellClassifier  # noqa: E402
 from leukonet.provenance import portable_text  # noqa: E402
 from zoom_out import load_folder, save_json, score  # noqa: E402  (the scoring of zoom_out.py)
@@ -73,6 +76,28 @@ def match_lab(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: 
     return cv2.cvtColor(np.rint(lab).clip(0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
+BASIS = stain_basis()  # violet, pink and residual OD vectors of RomanowskyStainJitter's colour deconvolution
+
+
+def stain_amounts(image: np.ndarray) -> np.ndarray:
+    """Per pixel (N, 3): the violet and pink stain concentrations and the residual (od = conc @ BASIS)."""
+    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+    return od @ np.linalg.inv(BASIS)
+
+
+def stain_levels(image: np.ndarray) -> np.ndarray:
+    """99th percentile of the violet and of the pink concentration: how much of each stain the darkest parts hold."""
+    return np.percentile(stain_amounts(image)[:, :2], 99, axis=0)
+
+
+def match_stain(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``image`` with each stain's concentration scaled so its 99th percentile is ``target``'s (residual kept)."""
+    conc = stain_amounts(image)
+    conc[:, :2] *= target / np.maximum(np.percentile(conc[:, :2], 99, axis=0), 1e-3)
+    rgb = 256.0 * np.exp(-np.maximum(conc @ BASIS, 0.0)) - 1.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(image.shape)
+
+
 def circular_mean(degrees: np.ndarray, weights: np.ndarray | None = None) -> float:
     """The (weighted) mean direction of angles in degrees, in [0, 360); 0 where every weight is 0."""
     angle, w = np.radians(degrees), np.ones_like(degrees) if weights is None else weights
@@ -97,8 +122,9 @@ def colour_by_class(images: list[np.ndarray], labels: list[int], centre: float) 
     return out
 
 
-def changes(external: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Each probe by name: the crops as they are, then one change at a time."""
+def changes(external: list[np.ndarray], reference: list[np.ndarray],
+            levels: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Each probe by name: the crops as they are, then one change at a time (``levels``: the reference's stain levels)."""
     source, target = lab_stats(external), lab_stats(reference)
     return {
         "as is": lambda im: im,
@@ -106,6 +132,7 @@ def changes(external: list[np.ndarray], reference: list[np.ndarray]) -> dict[str
         **{f"saturation x{s:g}": (lambda im, s=s: shift_hue_saturation(im, saturation=s)) for s in SATURATIONS},
         **{f"detail /{f:g}": (lambda im, f=f: less_detail(im, f)) for f in DETAIL},
         "set colour matched to the reference": lambda im: match_lab(im, source, target),
+        "stain amounts matched to the reference": lambda im: match_stain(im, levels),
     }
 
 
@@ -129,11 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     images, labels = load_folder(args.data)
     reference, reference_labels = load_folder(args.reference)
     picked = np.random.default_rng(0).choice(len(reference), min(args.reference_images, len(reference)), replace=False)
-    probes = changes(images, [reference[i] for i in picked])
+    levels = {"data": np.median([stain_levels(im) for im in images], axis=0),
+              "reference": np.median([stain_levels(reference[i]) for i in picked], axis=0)}
+    probes = changes(images, [reference[i] for i in picked], levels["reference"])
     colour = {"data": colour_by_class(images, labels.tolist(), args.centre[0]),
               "reference": colour_by_class([reference[i] for i in picked], reference_labels[picked].tolist(), args.centre[1])}
     results = {"data": str(args.data), "n": len(images), "reference": str(args.reference), "reference_images": len(picked),
                "colour": {k: {CLASSES[c]: v for c, v in by.items()} for k, by in colour.items()}, "centre": args.centre,  # folder labels index CLASSES
+               "stain_levels": {k: dict(zip(("violet", "pink"), np.round(v, 3).tolist())) for k, v in levels.items()},
                "checkpoints": {}}
     for ckpt in args.ckpt:
         model = CellClassifier.from_checkpoint(ckpt)
@@ -145,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     save_json(results, args.out, Path(__file__), argv)
     lines = ["# What the calls on external crops hang on", "",
              f"Balanced accuracy, accuracy and recall per class (%) on `{args.data.name}` (n={len(images)}) after one "
-             f"change to every crop; the set-wide colour match uses {len(picked)} images of `{args.reference.name}`.", "",
+             f"change to every crop; the set-wide colour match and the stain amounts use {len(picked)} images of `{args.reference.name}`.", "",
              f"- Command: `{results['command']}`", f"- Machine: {results['machine']}", "",
              f"Colour of the leukocytes (central {args.centre[0]:g} of `{args.data.name}`'s crops, {args.centre[1]:g} of "
              f"`{args.reference.name}`'s): saturation-weighted mean hue (degrees) and mean saturation (0-1) per class", "",
@@ -154,7 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     ext, ref = results["colour"]["data"], results["colour"]["reference"]
     lines += [f"| {c} | {ext[c]['hue']:.0f} | {ref[c]['hue']:.0f} | {ext[c]['saturation']:.2f} | {ref[c]['saturation']:.2f} |"
               for c in CLASSES if c in ext and c in ref]
-    lines.append("")
+    sl = results["stain_levels"]
+    lines += ["", "Stain levels (99th percentile of each crop's violet and pink concentration, in OD, median over the crops): "
+              f"`{args.data.name}` violet {sl['data']['violet']:.2f}, pink {sl['data']['pink']:.2f}; `{args.reference.name}` "
+              f"violet {sl['reference']['violet']:.2f}, pink {sl['reference']['pink']:.2f}", ""]
     classes = list(next(iter(next(iter(results["checkpoints"].values())).values()))["recall"])
     for ckpt, rows in results["checkpoints"].items():
         lines += [f"`{ckpt}`", "", "| change | balanced acc | acc | " + " | ".join(classes) + " |",

@@ -32,6 +32,14 @@ def eval_transform(image_size: int) -> A.Compose:
 ROMANOWSKY_STAINS = ((0.468, 0.849, 0.244), (0.335, 0.666, 0.666))
 
 
+def stain_basis(stains: tuple[tuple[float, float, float], tuple[float, float, float]] = ROMANOWSKY_STAINS) -> np.ndarray:
+    """Rows: the two stains' unit OD vectors and their cross product (a residual), so that od = conc @ basis."""
+    v = np.array(stains, dtype=np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    residual = np.cross(v[0], v[1])
+    return np.vstack([v, residual / np.linalg.norm(residual)])
+
+
 class RomanowskyStainJitter(A.ImageOnlyTransform):
     """Colour-deconvolution stain jitter for Romanowsky-stained blood smears.
 
@@ -55,10 +63,7 @@ class RomanowskyStainJitter(A.ImageOnlyTransform):
         self.scale_range = tuple(scale_range)
         self.shift_range = tuple(shift_range)
         self.stains = tuple(tuple(float(v) for v in s) for s in stains)
-        v = np.array(self.stains, dtype=np.float64)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        residual = np.cross(v[0], v[1])
-        self._matrix = np.vstack([v, residual / np.linalg.norm(residual)])  # rows: stain OD vectors
+        self._matrix = stain_basis(self.stains)  # rows: stain OD vectors
         self._inverse = np.linalg.inv(self._matrix)
 
     def get_params(self) -> dict[str, np.ndarray]:
