@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, load_script
+from leukonet.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE = REPO / "experiments" / "bench_inference" / "bench.py"
@@ -284,3 +285,22 @@ def test_reframe_writes_centred_copies_and_the_split(tmp_path, cells) -> None:
     assert split[0] == "path,label,split" and len(split) == n + 1 and all(r.split(",")[0].endswith(".png") for r in split[1:])
     with pytest.raises(SystemExit, match="exists"):  # never overwritten
         reframe.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+
+
+def test_few_shot_trains_with_drawn_external_cells(tmp_path, trained_run, cells) -> None:
+    few = load_script(REPO / "experiments" / "stain_robustness" / "few_shot.py")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pbc-2500").symlink_to(cells)
+    generate_dataset(tmp_path / "data" / "bccd-crops", n_per_class=10, size=48, seed=1)  # other cells: none leaks
+    res = few.main(["--data", str(tmp_path / "data"), "--k", "3", "--repeat", "2", "--seeds", "0",
+                    "--reference", str(trained_run / "checkpoints" / "last.ckpt"), "--work", str(tmp_path / "work"),
+                    "--out", str(tmp_path / "out"), "--override", *(o for o in TINY if "progress_bar" not in o)])
+    run = res["runs"][0]
+    assert all(n == 3 for n in run["bccd_cells"]["train"].values()) and all(n == 7 for n in run["bccd_cells"]["test"].values())
+    manifest = (tmp_path / "work" / "seed0" / "manifest.csv").read_text().splitlines()
+    assert sum(",bccd,train" in r for r in manifest) == 2 * 3 * 5  # each drawn cell listed --repeat times
+    for name in ("pbc_only", "with_bccd"):
+        assert 0 <= res["summary"][name]["balanced_accuracy"]["mean"] <= 1
+    assert "PBC + 3 BCCD cells a class" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="exists"):  # a run directory is never overwritten
+        few.main(["--data", str(tmp_path / "data"), "--seeds", "0", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
