@@ -109,6 +109,15 @@ PROTOCOLS = {
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
+def data_folder(given: Path | None) -> Path:
+    """The folder holding pbc-2500/ and bccd-crops/: ``given``, else $LEUKONET_DATA, else ../shared/data."""
+    data = (given or Path(os.environ.get("LEUKONET_DATA") or REPO.parent / "shared" / "data")).resolve()
+    for sub in ("pbc-2500", "bccd-crops"):
+        if not (data / sub).is_dir():
+            raise SystemExit(f"--data {data}: no {sub}/ in it (set LEUKONET_DATA or pass --data)")
+    return data
+
+
 def run(cmd: list[str], log: Path, threads: int | None) -> None:
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with log.open("w") as f:
@@ -283,10 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
-    args.data = (args.data or Path(os.environ.get("LEUKONET_DATA") or REPO.parent / "shared" / "data")).resolve()
-    for sub in ("pbc-2500", "bccd-crops"):
-        if not (args.data / sub).is_dir():
-            raise SystemExit(f"--data {args.data}: no {sub}/ in it (set LEUKONET_DATA or pass --data)")
+    args.data = data_folder(args.data)
     if "baseline" not in args.variants and args.pbc_floor is None:  # the floor is measured on it
         args.variants = ["baseline", *args.variants]
     work = (args.work or REPO / "outputs" / "stain_robustness" / args.budget).resolve()

@@ -18,7 +18,6 @@ to ``--out`` (default: ``few_shot/`` here).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]  # leukonet from this checkout (also without an editable install); ablation.py
 
-from ablation import BUDGETS, METRICS, PROTOCOLS, VARIANTS, run  # noqa: E402
+from ablation import BUDGETS, METRICS, PROTOCOLS, VARIANTS, data_folder, run  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
 from leukonet.data.check import duplicate_groups  # noqa: E402
 from leukonet.data.datamodule import CellDataModule  # noqa: E402
@@ -117,10 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="seeds at once, each with cores/jobs torch threads")
     args = p.parse_args(argv)
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    args.data = (args.data or Path(os.environ.get("LEUKONET_DATA") or REPO.parent / "shared" / "data")).resolve()
-    for sub in ("pbc-2500", "bccd-crops"):
-        if not (args.data / sub).is_dir():
-            raise SystemExit(f"--data {args.data}: no {sub}/ in it (set LEUKONET_DATA or pass --data)")
+    args.data = data_folder(args.data)
     work = (args.work or REPO / "outputs" / "stain_robustness" / "few_shot" / f"{args.budget}-k{args.k}-r{args.repeat}").resolve()
     dm = CellDataModule(root=str(args.data / "pbc-2500"))  # the split every ablation run uses
     dm.setup()

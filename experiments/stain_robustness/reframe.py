@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +25,9 @@ import cv2
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))  # leukonet from this checkout, also without an editable install
+sys.path[:0] = [str(REPO), str(HERE)]  # leukonet from this checkout (also without an editable install); ablation.py
 
+from ablation import data_folder  # noqa: E402
 from leukonet.data.cells import crop_cell, find_cells, main_cell  # noqa: E402
 from leukonet.data.datamodule import CellDataModule  # noqa: E402
 from leukonet.data.folder import load_rgb, scan_folder  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fraction", type=float, default=0.65, help="share of the width the cell spans (BCCD's median: 0.65)")
     p.add_argument("--out", type=Path, default=None, help="default: outputs/stain_robustness/reframed-<fraction>")
     args = p.parse_args(argv)
-    data = (args.data or Path(os.environ.get("LEUKONET_DATA") or REPO.parent / "shared" / "data")).resolve()
+    data = data_folder(args.data)
     out = args.out or REPO / "outputs" / "stain_robustness" / f"reframed-{args.fraction:g}"
     if out.exists():
         raise SystemExit(f"{out} exists: remove it or pass another --out (nothing is overwritten)")

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
               for r in runs]
     lines += ["| mean | " + " | ".join(f"{100 * results['mean_eosinophil_recall'][g]:.1f}" for g in GROUPS) + " |", ""]
     (args.out / "label_review.md").write_text(portable_text("\n".join(lines), REPO))
-    print(f"[label_review] mean eosinophil recall by group: "
+    print("[label_review] mean eosinophil recall by group: "
           + ", ".join(f"{g} {100 * v:.1f} %" for g, v in results["mean_eosinophil_recall"].items()))
     return results
 
