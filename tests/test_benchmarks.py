@@ -304,3 +304,7 @@ def test_few_shot_trains_with_drawn_external_cells(tmp_path, trained_run, cells)
     assert "PBC + 3 BCCD cells a class" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(SystemExit, match="exists"):  # a run directory is never overwritten
         few.main(["--data", str(tmp_path / "data"), "--seeds", "0", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="no such checkpoint"):  # found missing before any training
+        few.main(["--data", str(tmp_path / "data"), "--seeds", "0", "--work", str(tmp_path / "work2"),
+                  "--reference", str(tmp_path / "none{seed}.ckpt"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "work2" / "seed0").exists()

@@ -81,6 +81,10 @@ def one_seed(seed: int, args: argparse.Namespace, pbc_splits: dict, work: Path) 
     run_dir = work / f"seed{seed}"
     if run_dir.exists():
         raise SystemExit(f"{run_dir} exists: remove it or pass another --work (runs are never overwritten)")
+    reference = Path(str(args.reference).format(seed=seed))
+    reference = reference if reference.is_absolute() else REPO / reference
+    if not reference.is_file():  # before training, not after
+        raise SystemExit(f"{reference}: no such checkpoint (--reference names the PBC-only runs, {{seed}} for the seed)")
     started = time.perf_counter()
     counts = prepare(pbc_splits, args.data / "pbc-2500", args.data / "bccd-crops", args.k, args.repeat, seed, run_dir)
     train = [sys.executable, "-m", "leukonet.train", *VARIANTS["zoom"][1], *BUDGETS[args.budget],
@@ -88,10 +92,7 @@ def one_seed(seed: int, args: argparse.Namespace, pbc_splits: dict, work: Path) 
              "~callbacks.progress_bar", "trainer.enable_progress_bar=false", *args.override]
     run(train, run_dir / "train.log", args.threads)
     out = {"seed": seed, "bccd_cells": counts, "wall_s": None, "command": shlex.join(train)}
-    for name, ckpt in (("with_bccd", run_dir / "train" / "checkpoints" / "best.ckpt"),
-                       ("pbc_only", Path(str(args.reference).format(seed=seed)))):
-        if not ckpt.is_file():
-            raise SystemExit(f"{ckpt}: no such checkpoint (--reference names the PBC-only runs, {{seed}} for the seed)")
+    for name, ckpt in (("with_bccd", run_dir / "train" / "checkpoints" / "best.ckpt"), ("pbc_only", reference)):
         run([sys.executable, "-m", "leukonet.evaluate", f"ckpt_path={ckpt}", f"data.root={args.data / 'bccd-crops'}",
              f"data.split_file={run_dir / 'bccd_split.csv'}", f"hydra.run.dir={run_dir / name}"], run_dir / f"{name}.log", args.threads)
         out[name] = scores(run_dir / name / "metrics.json")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget", choices=list(BUDGETS), default="short")
     p.add_argument("--reference", default="outputs/stain_robustness/short/zoom/seed{seed}/checkpoints/best.ckpt",
-                   help="the PBC-only checkpoint of each seed ({seed}), scored on the same BCCD cells (default: %(default)s)")
+                   help="the PBC-only checkpoint of each seed ({seed}; relative to the repository), scored on the same BCCD cells "
+                        "(default: %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="default: outputs/stain_robustness/few_shot/<budget>-k<k>-r<repeat>")
     p.add_argument("--out", type=Path, default=HERE / "few_shot")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="Hydra overrides added to the training runs")
