@@ -33,7 +33,7 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]  # leukonet from this checkout (also without an editable install); zoom_out.py
 
 from leukonet.classes import CLASSES  # noqa: E402
-from leukonet.data.transforms import stain_basis  # noqa: E402
+from leukonet.data.transforms import stain_basis, stain_concentrations, stained_image  # noqa: E402
 from leukonet.model import CellClassifier  # noqa: E402
 from leukonet.provenance import portable_text  # noqa: E402
 from zoom_out import load_folder, save_json, score  # noqa: E402  (the scoring of zoom_out.py)
@@ -77,25 +77,19 @@ def match_lab(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: 
 
 
 BASIS = stain_basis()  # violet, pink and residual OD vectors of RomanowskyStainJitter's colour deconvolution
-
-
-def stain_amounts(image: np.ndarray) -> np.ndarray:
-    """Per pixel (N, 3): the violet and pink stain concentrations and the residual (od = conc @ BASIS)."""
-    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
-    return od @ np.linalg.inv(BASIS)
+INVERSE = np.linalg.inv(BASIS)  # float64: a diagnostic, not a hot path
 
 
 def stain_levels(image: np.ndarray) -> np.ndarray:
     """99th percentile of the violet and of the pink concentration: how much of each stain the darkest parts hold."""
-    return np.percentile(stain_amounts(image)[:, :2], 99, axis=0)
+    return np.percentile(stain_concentrations(image, INVERSE)[:, :2], 99, axis=0)
 
 
 def match_stain(image: np.ndarray, target: np.ndarray) -> np.ndarray:
     """``image`` with each stain's concentration scaled so its 99th percentile is ``target``'s (residual kept)."""
-    conc = stain_amounts(image)
+    conc = stain_concentrations(image, INVERSE)
     conc[:, :2] *= target / np.maximum(np.percentile(conc[:, :2], 99, axis=0), 1e-3)
-    rgb = 256.0 * np.exp(-np.maximum(conc @ BASIS, 0.0)) - 1.0
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(image.shape)
+    return stained_image(conc, BASIS, image.shape)
 
 
 def circular_mean(degrees: np.ndarray, weights: np.ndarray | None = None) -> float:

@@ -40,6 +40,19 @@ def stain_basis(stains: tuple[tuple[float, float, float], tuple[float, float, fl
     return np.vstack([v, residual / np.linalg.norm(residual)])
 
 
+def stain_concentrations(image: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """Per pixel (N, 3): the stains' concentrations and the residual, in ``inverse``'s dtype (``inverse``: the
+    inverse of a :func:`stain_basis`; OD = -ln((I + 1) / 256) = concentrations @ basis)."""
+    od = -np.log((image.reshape(-1, 3).astype(inverse.dtype) + 1.0) / 256.0)
+    return od @ inverse
+
+
+def stained_image(concentrations: np.ndarray, basis: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 RGB image of ``shape`` whose pixels hold ``concentrations``: :func:`stain_concentrations` undone."""
+    rgb = 256.0 * np.exp(-np.maximum(concentrations @ basis, 0.0)) - 1.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(shape)
+
+
 class RomanowskyStainJitter(A.ImageOnlyTransform):
     """Colour-deconvolution stain jitter for Romanowsky-stained blood smears.
 
@@ -63,8 +76,8 @@ class RomanowskyStainJitter(A.ImageOnlyTransform):
         self.scale_range = tuple(scale_range)
         self.shift_range = tuple(shift_range)
         self.stains = tuple(tuple(float(v) for v in s) for s in stains)
-        self._matrix = stain_basis(self.stains)  # rows: stain OD vectors
-        self._inverse = np.linalg.inv(self._matrix)
+        basis = stain_basis(self.stains)  # rows: stain OD vectors; float32 below, as the images are converted
+        self._matrix, self._inverse = basis.astype(np.float32), np.linalg.inv(basis).astype(np.float32)
 
     def get_params(self) -> dict[str, np.ndarray]:
         return {
@@ -73,12 +86,9 @@ class RomanowskyStainJitter(A.ImageOnlyTransform):
         }
 
     def apply(self, img: np.ndarray, scale: np.ndarray, shift: np.ndarray, **params) -> np.ndarray:
-        od = -np.log((img.reshape(-1, 3).astype(np.float32) + 1.0) / 256.0)
-        conc = od @ self._inverse.astype(np.float32)  # od = conc @ matrix
+        conc = stain_concentrations(img, self._inverse)
         conc[:, :2] = conc[:, :2] * scale.astype(np.float32) + shift.astype(np.float32)
-        od = np.maximum(conc @ self._matrix.astype(np.float32), 0.0)
-        rgb = 256.0 * np.exp(-od) - 1.0
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(img.shape)
+        return stained_image(conc, self._matrix, img.shape)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("scale_range", "shift_range", "stains")
