@@ -1,18 +1,16 @@
 """The LightningDataModule: one owner for the split, the decoding and the transforms.
 
-With ``root`` unset it generates the embedded synthetic cells, so every command runs on a
-fresh clone. Images are decoded once (in threads) at set-up: undecodable files are found there,
+With ``root`` unset it generates synthetic cells (the configs' default root is the embedded sample of real
+PBC cells, ``leukonet.data.embedded_sample``), so every command runs on a fresh clone. Images are decoded once (in threads) at set-up: undecodable files are found there,
 named and skipped, never mid-epoch, and the decoded uint8 pixels stay in memory for every epoch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,10 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from leukonet.classes import CLASSES
-from leukonet.data import synthetic
+from leukonet.data import embedded_sample, synthetic
 from leukonet.data.check import duplicate_groups
 from leukonet.data.citations import citation_for
-from leukonet.data.folder import Entry, load_rgb, scan_folder
+from leukonet.data.folder import Entry, decode_many, scan_folder
 from leukonet.data.manifest import read_manifest
 from leukonet.data.split import SPLITS, read_split, stratified_split, write_split
 from leukonet.data.transforms import eval_transform, train_transform
@@ -85,7 +83,8 @@ class CellDataModule(L.LightningDataModule):
         self.is_synthetic = not root and not manifest
         # entry paths are relative to root: the manifest's folder, the data folder, or the synthetic cache
         self.root = self.manifest.parent if self.manifest else Path(root or self.synthetic_cfg["dir"])
-        self.name = name or ("synthetic" if self.is_synthetic else (self.manifest.stem if self.manifest else self.root.name))
+        self.name = name or ("synthetic" if self.is_synthetic else self.manifest.stem if self.manifest
+                             else embedded_sample.NAME if embedded_sample.is_sample(self.root) else self.root.name)
         self.split_file = split_file
         self.split_fractions = tuple(split_fractions)
         self.split_seed = split_seed
@@ -203,14 +202,7 @@ class CellDataModule(L.LightningDataModule):
     def _decode(self, entries: list[Entry]) -> dict[str, np.ndarray]:
         """Decode every image once, in threads; report each unreadable one by name and drop it."""
 
-        def load(e: Entry) -> np.ndarray | str:
-            try:
-                return load_rgb(self.root / e.path, self.image_size)
-            except ValueError as err:
-                return str(err)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            results = list(pool.map(load, entries))
+        results = decode_many([self.root / e.path for e in entries], self.image_size)
         pixels = {}
         for e, r in zip(entries, results):
             if isinstance(r, str):

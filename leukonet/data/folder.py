@@ -7,7 +7,10 @@ Scanning never guesses silently: every file it does not use is reported with a r
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +134,20 @@ def load_rgb(
     if size is not None:
         rgb = resize_square(rgb, size)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_many(paths: Sequence[str | Path], size: int | None = None) -> list[np.ndarray | str]:
+    """``load_rgb`` of every path, in threads (decoding releases the GIL): the pixels, or the reason a file
+    could not be used (``load_rgb``'s message, naming it)."""
+
+    def load(path: str | Path) -> np.ndarray | str:
+        try:
+            return load_rgb(path, size)
+        except ValueError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(load, paths))
 
 
 def resize_square(rgb: Image.Image, size: int) -> Image.Image:
