@@ -1,4 +1,4 @@
-"""Predict: ``python -m leukonet.predict ckpt_path=RUN/checkpoints/last.ckpt input=FILE_OR_DIR``.
+"""Predict: ``python -m leukonet.predict ckpt_path=RUN/checkpoints/last.ckpt input=FILE_OR_DIR_OR_CSV``.
 
 A lab engineer's path: run a trained model over today's images, get one row per cell (class, the
 five probabilities, confidence, whether a person should look at it) and the differential count with
@@ -49,8 +49,11 @@ class Cell:
 
 
 def input_files(path: str | Path) -> list[Path]:
-    """The image files of ``path`` (a file, or a folder searched recursively), in a stable order."""
+    """The image files of ``path`` (a file, or a folder searched recursively), in a stable order; or those
+    listed in the ``path`` column of a CSV (a manifest, or a run's ``predictions.csv``: its test cells)."""
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return listed_files(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -59,6 +62,26 @@ def input_files(path: str | Path) -> list[Path]:
     if not files:
         raise DataError(f"input={path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
+
+
+def listed_files(csv_path: Path) -> list[Path]:
+    """The files a CSV names in its ``path`` column, in its order, each once. A relative path is taken from the
+    CSV's folder (as in a manifest), else from the working directory (a run's ``predictions.csv`` holds the
+    paths as training was given them). Files that are not there are reported by ``load_rgb``, as unreadable."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise DataError(f"input={csv_path}: a CSV input needs a 'path' column (a manifest or a run's "
+                            f"predictions.csv); its columns are {reader.fieldnames}")
+        listed = [row["path"] for row in reader if row["path"]]
+    if not listed:
+        raise DataError(f"input={csv_path} lists no files")
+
+    def resolve(p: str) -> Path:
+        beside = csv_path.parent / p  # an absolute p stays itself
+        return Path(p) if not beside.exists() and Path(p).exists() else beside
+
+    return list(dict.fromkeys(resolve(p) for p in listed))
 
 
 def is_field(image: np.ndarray, found: list) -> bool:

@@ -6,6 +6,7 @@ the final model on validation (the value a sweep optimises) and test, and writes
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
 
 from leukonet import ood
 from leukonet.calibration import calibrate
@@ -68,7 +72,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             _report(cfg, trainer, model, datamodule, callbacks, fit_epochs, fit_s, time.perf_counter() - started,
                     calibration)
+            print_next_steps(output_dir, metrics)
     return metrics
+
+
+def print_next_steps(output_dir: Path, metrics: dict[str, float]) -> None:
+    """Where the run's report, checkpoint and logs are, and the commands to try next with its checkpoint."""
+    run = portable_path(output_dir)
+    ckpt = f"{run}/checkpoints/last.ckpt"
+    try:  # the interpreter that ran this: the project's .venv/bin/python after `make run`
+        py = Path(sys.executable).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        py = "python"
+    table = Table.grid(padding=(0, 2))
+    table.add_row("report", f"{run}/report.md (test accuracy {metrics.get('test/acc', float('nan')):.1%}; "
+                            "metrics.json, figures, predictions.csv beside it)")
+    table.add_row("checkpoint", f"{ckpt} (best by validation loss: checkpoints/best.ckpt)")
+    table.add_row("TensorBoard", f"{run}/tensorboard: make tensorboard, or tensorboard --logdir {run}/tensorboard")
+    table.add_row("", "")
+    table.add_row("predict", f"{py} -m leukonet.predict ckpt_path={ckpt} input={run}/predictions.csv  "
+                             "# the test cells; or input=FILE_OR_DIR")
+    table.add_row("web page", f"{py} -m leukonet.serve ckpt_path={ckpt}  # then open http://127.0.0.1:8000/")
+    table.add_row("evaluate", f"{py} -m leukonet.evaluate ckpt_path={ckpt} data.root=DIR  # any folder of <class>/ images")
+    Console().print(Panel(table, title=f"run finished: {run}", title_align="left", expand=False))
 
 
 def _store_in_checkpoints(trainer, calibration: dict, ood_stats: dict | None) -> None:

@@ -63,3 +63,24 @@ def test_predict_names_missing_inputs(trained_run: Path, tmp_path: Path) -> None
     proc = run_module("leukonet.predict", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
                       f"input={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and "nowhere does not exist" in proc.stderr
+
+
+def test_predict_the_cells_a_csv_lists(trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    """A manifest or a run's predictions.csv as input: its path column, relative to the CSV's folder."""
+    listing = tmp_path / "list" / "cells.csv"
+    listing.parent.mkdir()
+    picked = sorted((cells / "eosinophil").iterdir())[:3]
+    rows = [f"{p},eosinophil" for p in picked] + ["gone/missing.png,eosinophil", f"{picked[0]},eosinophil"]
+    listing.write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    proc = run_module("leukonet.predict", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"input={listing}",
+                      f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "differential.json").read_text())
+    assert summary["files"] == 4 and summary["cells"] == 3  # each file once; the missing one named, skipped
+    assert [u["file"] for u in summary["unreadable"]] == [str(listing.parent / "gone" / "missing.png")]
+    assert "file not found" in summary["unreadable"][0]["reason"]
+    (tmp_path / "bad.csv").write_text("file,label\nx.png,basophil\n")
+    bad = run_module("leukonet.predict", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                     f"input={tmp_path / 'bad.csv'}", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "needs a 'path' column" in bad.stderr
