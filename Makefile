@@ -15,9 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-## main job: the two-phase recipe with offline ImageNet weights; synthetic cells unless ARGS="data.root=DIR"
+## main job: the two-phase recipe with offline ImageNet weights, on the embedded sample of real PBC cells with
+## epoch limits for about 10 minutes on 2 cores (+experiment=sample); with ARGS="data.root=DIR" (or data.manifest=CSV)
+## the full recipe on your cells (+experiment=two_phase_lite0); an +experiment=NAME in ARGS is used as it is
+RUN_EXPERIMENT = $(if $(filter data.root=% data.manifest=%,$(ARGS)),two_phase_lite0,sample)
 run: install
-	$(PY) -m leukonet.train +experiment=two_phase_lite0 $(ARGS)
+	$(PY) -m leukonet.train $(if $(filter +experiment=%,$(ARGS)),,+experiment=$(RUN_EXPERIMENT)) $(ARGS)
 
 ## the whole two-phase flow on synthetic cells with a tiny backbone, in about a minute
 demo: install
