@@ -23,6 +23,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
 from leukonet.provenance import machine  # noqa: E402
+from leukonet.resolvers import best_precision  # noqa: E402
 
 KEPT = ("report.md", "metrics.json", "confusion_matrix.png", "loss_curves.png", "misclassified.png", "split.csv")
 TARGET_ACCURACY = 0.90  # issue 19
@@ -50,13 +51,16 @@ def main() -> None:
     run_s = timed(["make", "run"], work, work / "run.log")
     run = max((work / "outputs" / "sample").iterdir(), key=lambda d: d.stat().st_mtime)
     metrics = json.loads((run / "metrics.json").read_text())
-    for name in KEPT:
-        if (run / name).is_file():
+    for name in KEPT:  # the clone's temporary folder taken out of paths
+        if (run / name).suffix in (".md", ".json"):
+            (args.out / name).write_text((run / name).read_text().replace(f"{work}/", ""))
+        elif (run / name).is_file():
             shutil.copy(run / name, args.out / name)
     results = {
         "commands": ["git clone <this repository> && cd leukonet", "make install", "make run"],
         "commit": commit,
         "machine": machine(),
+        "precision": best_precision(),  # fp32 where the CPU has no native bf16 (several times slower to train)
         "install_s": round(install_s, 1),
         "run_s": round(run_s, 1),
         "train_wall_s": metrics.get("wall_s"),
