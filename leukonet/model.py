@@ -104,6 +104,9 @@ class CellClassifier(L.LightningModule):
         # review_threshold are flagged needs_review (negative: none chosen, as in checkpoints from before)
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("review_threshold", torch.tensor(-1.0))
+        # a lab's class mix (leukonet.adapt, label shift): added to the logits, T * log(target prior / training
+        # prior), so softmax(logits / T) is the posterior under the lab's proportions; zeros: the training mix
+        self.register_buffer("log_prior_shift", torch.zeros(len(class_names)))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone_frozen = False
         self.bn_stats_frozen = False
@@ -151,7 +154,7 @@ class CellClassifier(L.LightningModule):
         hp = dict(ckpt["hyper_parameters"])
         hp.pop("weights_source", None)
         model = cls(pretrained=False, **hp)
-        model.load_state_dict(_with_calibration(ckpt["state_dict"]))
+        model.load_state_dict(_with_calibration(ckpt["state_dict"], len(model.hparams.class_names)))
         model.weights_source = ckpt["hyper_parameters"].get("weights_source")
         return model.eval()
 
@@ -162,8 +165,8 @@ class CellClassifier(L.LightningModule):
             self.stain_norm.fit(self.trainer.datamodule.train_pixels())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints from before calibration lack its buffers: temperature 1, no review threshold."""
-        _with_calibration(checkpoint["state_dict"])
+        """Checkpoints from before calibration lack its buffers: temperature 1, no review threshold, no prior shift."""
+        _with_calibration(checkpoint["state_dict"], len(self.hparams.class_names))
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits divided by the fitted temperature: their softmax is the calibrated probabilities."""
@@ -213,7 +216,7 @@ class CellClassifier(L.LightningModule):
                 features = self.backbone(x)
         else:
             features = self.backbone(x)
-        return self.head(features).float()  # fp32 logits, also under bf16 autocast
+        return self.head(features).float() + self.log_prior_shift  # fp32 logits, also under bf16 autocast
 
     # -- Lightning steps ------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -292,8 +295,9 @@ class CellClassifier(L.LightningModule):
         }
 
 
-def _with_calibration(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` with the calibration buffers' defaults filled in where missing (old checkpoints)."""
+def _with_calibration(state_dict: dict[str, torch.Tensor], n_classes: int) -> dict[str, torch.Tensor]:
+    """``state_dict`` with the calibration and prior-shift buffers' defaults filled in where missing (old checkpoints)."""
     state_dict.setdefault("temperature", torch.tensor(1.0))
     state_dict.setdefault("review_threshold", torch.tensor(-1.0))
+    state_dict.setdefault("log_prior_shift", torch.zeros(n_classes))
     return state_dict

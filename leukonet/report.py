@@ -498,7 +498,8 @@ def _overlays(explain: Callable[[np.ndarray, int], np.ndarray], paths: Sequence[
     return out
 
 
-def plot_gallery(path: Path, tiles: list[tuple[str, str]], overlays: Sequence[np.ndarray | None] | None = None) -> None:
+def plot_gallery(path: Path, tiles: list[tuple[str, str]], overlays: Sequence[np.ndarray | None] | None = None,
+                 title: str = "Misclassified, most confident first:\ntrue → predicted (confidence)") -> None:
     """Grid of images with two-line titles; unreadable images become a grey placeholder. With ``overlays``
     (one per tile, RGB), each image is shown beside its overlay."""
     pair = overlays is not None
@@ -520,8 +521,7 @@ def plot_gallery(path: Path, tiles: list[tuple[str, str]], overlays: Sequence[np
         else:
             ax.imshow(thumb)
         ax.set_title(label, fontsize=7.5)
-    fig.suptitle("Misclassified, most confident first:\ntrue → predicted (confidence)"
-                 + ("; right: Grad-CAM of the predicted class" if pair else ""), fontsize=9)
+    fig.suptitle(title + ("; right: Grad-CAM of the predicted class" if pair else ""), fontsize=9)
     _save(fig, path)
 
 

@@ -1,0 +1,235 @@
+"""Adaptation to a new lab: BatchNorm statistics, the class mix, self-training, suggestions, the command, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_cfg, run_module
+from leukonet.adapt import batchnorm, label_shift
+from leukonet.adapt.head import pseudo_labels
+from leukonet.adapt.run import adapt as run_adapt
+from leukonet.adapt.suggest import rank
+from leukonet.classes import CLASSES
+from leukonet.errors import DataError
+from leukonet.model import CellClassifier
+
+
+def tiny_model() -> CellClassifier:
+    torch.manual_seed(0)
+    return CellClassifier(backbone="test_efficientnet", pretrained=False, image_size=32, channels_last=False).eval()
+
+
+def images(n: int, seed: int, tint=(0, 0, 0)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(40, 200, (n, 3, 32, 32), generator=g) + torch.tensor(tint).view(1, 3, 1, 1)
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def output_moments(model, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per backbone BatchNorm, the per-channel mean and variance of what it normalises ``x`` to (eval mode; before
+    the activation that timm's BatchNormAct2d adds)."""
+    out = []
+
+    def record(m, args) -> None:
+        y = torch.nn.functional.batch_norm(args[0], m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+        out.append((y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)))
+
+    hooks = [m.register_forward_pre_hook(record) for m in batchnorm.backbone_norms(model).values()]
+    with torch.no_grad():
+        model.backbone(model.preprocess(x))
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_mapped_statistics_make_the_lab_look_like_the_training_lab_to_every_layer() -> None:
+    model = tiny_model()
+    source, lab = images(48, 0), images(40, 1, tint=(-30, 20, 45))  # another stain: channels shifted
+    expected = output_moments(model, source)
+    before = output_moments(model, lab)
+    batchnorm.map_to_source(model, lab, batchnorm.input_moments(model, source))
+    after = output_moments(model, lab)
+    assert len(after) == len(expected) > 3
+    gap = lambda moments: max(float((m - e).abs().max()) for (m, _), (e, _) in zip(moments, expected))  # noqa: E731
+    assert gap(before) > 0.1 and gap(after) < 1e-3  # every layer's output moments match the training lab's
+    for (_, v), (_, ve) in zip(after, expected):
+        torch.testing.assert_close(v, ve, rtol=1e-3, atol=1e-4)
+
+
+def test_adabn_takes_the_labs_own_statistics() -> None:
+    model = tiny_model()
+    lab = images(40, 1, tint=(-30, 20, 45))
+    first = next(iter(batchnorm.backbone_norms(model).values()))
+    seen = batchnorm.input_moments(model, lab)  # the first layer's input does not depend on the statistics
+    batchnorm.adabn(model, lab)
+    mean, var = next(iter(seen.values()))
+    torch.testing.assert_close(first.running_mean, mean, rtol=1e-4, atol=1e-5)
+    assert not first.training and first.momentum == 0.1  # left as found
+
+
+def test_em_recovers_a_labs_class_mix() -> None:
+    rng = np.random.default_rng(0)
+    truth = np.array([0.02, 0.04, 0.3, 0.06, 0.58])  # a normal differential, not the training set's 20 % each
+    y = rng.choice(5, 4000, p=truth)
+    centres = np.eye(5) * 2.0
+    x = centres[y] + rng.normal(size=(4000, 5))
+    log_lik = -0.5 * ((x[:, None, :] - centres[None]) ** 2).sum(2)  # training-mix (uniform) posteriors
+    posteriors = np.exp(log_lik - log_lik.max(1, keepdims=True))
+    posteriors /= posteriors.sum(1, keepdims=True)
+    estimate = label_shift.em_prior(posteriors, np.full(5, 0.2))
+    assert np.abs(estimate - truth).max() < 0.03
+    shift = label_shift.log_shift(estimate, np.full(5, 0.2), temperature=2.0)
+    corrected = np.log(posteriors) * 2.0 + shift  # logits at T = 2 plus the shift, then softmax(. / T)
+    assert (corrected.argmax(1) == y).mean() > (posteriors.argmax(1) == y).mean()
+
+
+def test_pseudo_labels_are_class_balanced_and_confident() -> None:
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.45, 0.55], [0.1, 0.9]])
+    assert pseudo_labels(probs, share=0.5, min_confidence=0.5).tolist() == [0, 0, -1, -1, -1, 1]
+    assert pseudo_labels(probs, share=1.0, min_confidence=0.58).tolist() == [0, 0, 0, 0, -1, 1]
+
+
+def test_suggestions_cover_every_kind_of_cell() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 5
+    kind = np.repeat(np.arange(4), [60, 25, 10, 5])  # one kind far more common than the others
+    feats = torch.as_tensor(centres[kind] + rng.normal(size=(100, 16)), dtype=torch.float32)
+    probs = np.full((100, 5), 0.2)
+    picks = rank(feats, probs, 4)
+    assert len(set(picks)) == 4 and sorted(kind[picks].tolist()) == [0, 1, 2, 3]
+    assert kind[picks[0]] == 0  # largest group first
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+
+def other_lab(cells: Path, dest: Path, tint=(-25, 15, 40), per_class: int = 8) -> Path:
+    """Copies of synthetic cells in another 'stain', flat (a lab's cells come without class folders)."""
+    dest.mkdir(parents=True)
+    for c in CLASSES:
+        for f in sorted((cells / c).iterdir())[:per_class]:
+            x = np.asarray(Image.open(f).convert("RGB")).astype(int) + np.array(tint)
+            Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(dest / f"{c}_{f.stem}.png")
+    return dest
+
+
+def adapt(ckpt: Path, out: Path, *extra: str):
+    return run_module("leukonet.adapt", f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "min_cells=20", *extra)
+
+
+def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    lab = other_lab(cells, tmp_path / "lab")
+    labels = tmp_path / "labels.csv"
+    labelled = sorted(lab.iterdir())[::4]
+    with labels.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows([f"lab/{p.name}", p.name.split("_")[0]] for p in labelled)
+    out = tmp_path / "adapted"
+    proc = adapt(ckpt, out, f"target.root={lab}", f"target.labels={labels}", "method=bn_map_self_train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "adaptation.json").read_text())
+    assert report["cells"] == 40 and report["labelled"] == len(labelled) and report["method"]["bn"] == "map"
+    assert abs(sum(report["estimated_proportions"].values()) - 1) < 1e-6
+    assert set(report["class_mix_after"]) == set(CLASSES) and 0 <= report["changed_class"] <= 40
+    assert report["self_training"][0]["labelled"] == len(labelled)
+    assert "adapted to the 40 cells" in (out / "adaptation.md").read_text()
+    adapted = torch.load(out / "adapted.ckpt", weights_only=True)
+    original = torch.load(ckpt, weights_only=True)
+    assert adapted["adaptation"]["checkpoint"] == str(ckpt) and "ood" in adapted
+    changed = [k for k in original["state_dict"] if not torch.equal(original["state_dict"][k], adapted["state_dict"][k])]
+    assert any("running_mean" in k for k in changed) and any(k.startswith("head.") for k in changed)
+
+    evaluated = run_module("leukonet.evaluate", f"ckpt_path={out / 'adapted.ckpt'}", f"data.root={cells}",
+                           f"hydra.run.dir={tmp_path / 'eval'}", "data.num_workers=0")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 100
+    predicted = run_module("leukonet.predict", f"ckpt_path={out / 'adapted.ckpt'}", f"input={lab}",
+                           f"hydra.run.dir={tmp_path / 'predict'}")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert json.loads((tmp_path / "predict" / "differential.json").read_text())["cells"] == 40
+
+    again = adapt(ckpt, out, f"target.root={lab}")
+    assert again.returncode == 2 and "never writes over" in again.stderr
+    assert torch.equal(torch.load(out / "adapted.ckpt", weights_only=True)["state_dict"]["head.2.weight"],
+                       adapted["state_dict"]["head.2.weight"])
+
+
+def test_the_class_mix_correction_lands_in_the_checkpoint(trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    lab = other_lab(cells, tmp_path / "lab")
+    out = tmp_path / "adapted"
+    proc = adapt(trained_run / "checkpoints" / "last.ckpt", out, f"target.root={lab}", "method=prior")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "adaptation.json").read_text())
+    state = torch.load(out / "adapted.ckpt", weights_only=True)["state_dict"]
+    estimate = np.array([report["estimated_proportions"][c] for c in CLASSES])
+    expected = label_shift.log_shift(estimate, np.full(5, 0.2), float(state["temperature"]))
+    np.testing.assert_allclose(state["log_prior_shift"].numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert report["prior_applied"] and "kept the checkpoint's" in report["calibration"]["note"]
+
+
+def test_suggest_writes_the_cells_to_label_and_a_contact_sheet(trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    lab = other_lab(cells, tmp_path / "lab")
+    proc = run_module("leukonet.adapt.suggest", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                      f"target.root={lab}", "n=7", f"hydra.run.dir={tmp_path / 's'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "s" / "to_label.csv").open()))
+    assert [int(r["rank"]) for r in rows] == list(range(1, 8)) and len({r["path"] for r in rows}) == 7
+    assert all(Path(r["path"]).parent == lab.resolve() and r["label"] == "" for r in rows)
+    assert (tmp_path / "s" / "to_label.png").stat().st_size > 1000
+    # half filled in by the lab: read as labels (empty ones skipped), and not suggested again
+    text = (tmp_path / "s" / "to_label.csv").read_text().splitlines()
+    text[1] = text[1].replace(",,", ",basophil,", 1)
+    (tmp_path / "labels.csv").write_text("\n".join(text) + "\n")
+    second = run_module("leukonet.adapt.suggest", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                        f"target.root={lab}", f"target.labels={tmp_path / 'labels.csv'}", "n=7",
+                        f"hydra.run.dir={tmp_path / 's2'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert rows[0]["path"] not in (tmp_path / "s2" / "to_label.csv").read_text()
+
+
+@pytest.mark.parametrize("case", ["empty", "too_few", "unknown_file", "unknown_class", "training_set", "stain_norm"])
+def test_bad_input_is_named_and_nothing_is_written(case: str, trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    lab = tmp_path / "lab"
+    if case == "empty":
+        lab.mkdir()
+        (lab / "notes.txt").write_text("no images")
+    elif case == "training_set":
+        lab = Path(json.loads((trained_run / "data_summary.json").read_text())["root"])
+    else:
+        other_lab(cells, lab, per_class=2 if case == "too_few" else 8)
+        (lab / "broken.png").write_bytes(b"not a png")  # named and skipped, never fatal
+    extra = []
+    if case in ("unknown_file", "unknown_class"):
+        name = "elsewhere/x.png" if case == "unknown_file" else f"lab/{sorted(lab.iterdir())[0].name}"
+        (tmp_path / "labels.csv").write_text(f"path,label\n{name},{'basophil' if case == 'unknown_file' else 'blast'}\n")
+        extra.append(f"target.labels={tmp_path / 'labels.csv'}")
+    if case == "stain_norm":
+        state = torch.load(ckpt, weights_only=True)
+        state["hyper_parameters"]["stain_norm"] = "reinhard"
+        ckpt = tmp_path / "reinhard.ckpt"
+        torch.save(state, ckpt)
+    expected = {"empty": "holds no image files", "too_few": "needs at least 20", "unknown_file": "not among the target",
+                "unknown_class": "name no class we know", "training_set": "own training cells",
+                "stain_norm": "normalises stains"}[case]
+    cfg = compose_cfg("adapt", [f"ckpt_path={ckpt}", f"target.root={lab}", "min_cells=20", *extra], tmp_path / "out")
+    with pytest.raises(DataError, match=expected):
+        run_adapt(cfg)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_checkpoint_without_the_prior_buffer_still_loads(trained_run: Path, tmp_path: Path) -> None:
+    state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    del state["state_dict"]["log_prior_shift"]
+    torch.save(state, tmp_path / "old.ckpt")
+    model = CellClassifier.from_checkpoint(tmp_path / "old.ckpt")
+    assert torch.equal(model.log_prior_shift, torch.zeros(5))
