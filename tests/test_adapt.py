@@ -63,6 +63,21 @@ def test_mapped_statistics_make_the_lab_look_like_the_training_lab_to_every_laye
         torch.testing.assert_close(v, ve, rtol=1e-3, atol=1e-4)
 
 
+def test_centre_moments_are_the_cells_whatever_the_framing() -> None:
+    """bn_center: moments over the middle of each feature map, where a crop's cell is, not its surroundings."""
+    x = torch.zeros(2, 3, 10, 10)
+    x[:, :, 3:7, 3:7] = 5.0  # the cell, 40 % of the height and width
+    whole, centre = batchnorm._Moments(), batchnorm._Moments(center=0.4)
+    whole.add(x)
+    centre.add(x)
+    assert torch.allclose(centre.result()[0], torch.full((3,), 5.0)) and torch.allclose(centre.result()[1], torch.zeros(3))
+    assert torch.allclose(whole.result()[0], torch.full((3,), 0.8))
+    model = tiny_model()
+    source, lab = images(48, 0), images(40, 1, tint=(-30, 20, 45))
+    batchnorm.map_to_source(model, lab, batchnorm.input_moments(model, source, center=0.5), center=0.5)
+    assert all(torch.isfinite(m.running_mean).all() for m in batchnorm.backbone_norms(model).values())
+
+
 def test_adabn_takes_the_labs_own_statistics() -> None:
     model = tiny_model()
     lab = images(40, 1, tint=(-30, 20, 45))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, load_script
+from leukonet.data.check import duplicate_groups
+from leukonet.data.folder import scan_folder
 from leukonet.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,3 +311,25 @@ def test_few_shot_trains_with_drawn_external_cells(tmp_path, trained_run, cells)
         few.main(["--data", str(tmp_path / "data"), "--seeds", "0", "--work", str(tmp_path / "work2"),
                   "--reference", str(tmp_path / "none{seed}.ckpt"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "work2" / "seed0").exists()
+
+
+def test_adapt_bench_splits_each_lab_in_halves_with_near_copies_together(cells: Path, tmp_path: Path) -> None:
+    """experiments/adapt/bench.py: the adaptation pool and the held-out half are stratified, disjoint, seeded,
+    and never separate copies of one picture; its table names every row."""
+    bench = load_script(REPO / "experiments" / "adapt" / "bench.py")
+    root = tmp_path / "lab"
+    shutil.copytree(cells, root)
+    copy = root / "eosinophil" / "copy_of_first.png"
+    shutil.copy(sorted((root / "eosinophil").iterdir())[0], copy)
+    entries = scan_folder(root).entries
+    groups = duplicate_groups(root, entries)
+    assert any("eosinophil/copy_of_first.png" in g for g in groups)
+    pool, test = bench.halves(entries, root, 0, groups)
+    assert not set(pool) & set(test) and len(pool) + len(test) == len(entries)
+    for c in range(5):
+        n = sum(e.label == c for e in entries)
+        assert abs(sum(entries[i].label == c for i in test) - n / 2) <= 1  # stratified
+    side = {entries[i].path: s for s, idx in (("pool", pool), ("test", test)) for i in idx}
+    assert all(len({side[p] for p in g}) == 1 for g in groups)  # copies together
+    again = bench.halves(entries, root, 0, groups)
+    assert (again[0] == pool).all() and not (bench.halves(entries, root, 1, groups)[0] == pool).all()

@@ -37,13 +37,20 @@ def _passes(model, images: torch.Tensor) -> None:
 
 
 class _Moments:
-    """Running per-channel sum and sum of squares of a layer's input over every position of every image."""
+    """Running per-channel sum and sum of squares of a layer's input over every position of every image, or with
+    ``center`` over the central ``center`` x ``center`` share of each feature map: where the cell is, whatever
+    the framing (a PBC crop is mostly red cells and plasma around a cell spanning a third of it, a BCCD crop
+    mostly cell)."""
 
-    def __init__(self) -> None:
-        self.n, self.s, self.ss = 0, 0.0, 0.0
+    def __init__(self, center: float | None = None) -> None:
+        self.n, self.s, self.ss, self.center = 0, 0.0, 0.0, center
 
     def add(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add a batch; returns its own per-channel mean and variance (float32)."""
+        if self.center and x.ndim == 4:
+            h, w = x.shape[2:]
+            ch, cw = max(1, round(h * self.center)), max(1, round(w * self.center))
+            x = x[:, :, (h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw]
         dims = [d for d in range(x.ndim) if d != 1]
         var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
         count = x.numel() // x.shape[1]
@@ -67,11 +74,12 @@ def _hooks(norms: dict[str, nn.Module], hook: Callable[[str], Callable]) -> Iter
             h.remove()
 
 
-def input_moments(model, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per backbone BatchNorm layer, the mean and variance of its input over ``images``, the model as it is
-    (eval mode): the training lab's moments when ``images`` are its training cells."""
+def input_moments(model, images: torch.Tensor, center: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per backbone BatchNorm layer, the mean and variance of its input over ``images`` (``center``: over the
+    central share of each map only), the model as it is (eval mode): the training lab's moments when ``images``
+    are its training cells."""
     norms = backbone_norms(model)
-    moments = {name: _Moments() for name in norms}
+    moments = {name: _Moments(center) for name in norms}
 
     def hook(name: str):
         def record(module, args) -> None:
@@ -102,13 +110,14 @@ def adabn(model, images: torch.Tensor) -> None:
             m.eval()
 
 
-def map_to_source(model, images: torch.Tensor, source: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def map_to_source(model, images: torch.Tensor, source: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  center: float | None = None) -> None:
     """Fold into every backbone BatchNorm the map of its input from the moments of ``images`` (the lab's cells)
-    onto ``source`` (``input_moments`` of the training cells), layer after layer."""
+    onto ``source`` (``input_moments`` of the training cells, with the same ``center``), layer after layer."""
     norms = backbone_norms(model)
     if set(norms) != set(source):
         raise ValueError("the source moments were measured on another backbone")
-    target = {name: _Moments() for name in norms}
+    target = {name: _Moments(center) for name in norms}
 
     def hook(name: str):
         mu_s, var_s = source[name]

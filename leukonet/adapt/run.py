@@ -48,7 +48,7 @@ def adapt_model(model: CellClassifier, train: Cells, target: Cells, labels: np.n
     model.eval()
     before_feats = head.features(model, target.images)
     before = probabilities(model, before_feats)
-    adapt_batchnorm(model, train, target, str(method.get("bn", "none")))
+    adapt_batchnorm(model, train, target, str(method.get("bn", "none")), center=method.get("bn_center"))
     bn_s = time.perf_counter() - t0
     tgt = before_feats if method.get("bn", "none") == "none" else head.features(model, target.images)
     src = head.features(model, train.images)
@@ -57,15 +57,17 @@ def adapt_model(model: CellClassifier, train: Cells, target: Cells, labels: np.n
     return summary, stats
 
 
-def adapt_batchnorm(model: CellClassifier, train: Cells, target: Cells, bn: str, moments: dict | None = None) -> None:
+def adapt_batchnorm(model: CellClassifier, train: Cells, target: Cells, bn: str, moments: dict | None = None,
+                    center: float | None = None) -> None:
     """The BatchNorm step: ``none``, ``adabn`` (the lab's statistics) or ``map`` (the lab's moments mapped onto the
-    training cells': ``moments``, ``batchnorm.input_moments`` of the unadapted model, measured here if not given)."""
+    training cells': ``moments``, ``batchnorm.input_moments`` of the unadapted model with the same ``center``,
+    measured here if not given; ``center``: moments over the central share of each feature map)."""
     if bn not in BN_MODES:
         raise DataError(f"method.bn must be one of {BN_MODES}, got {bn!r}")
     if bn == "adabn":
         batchnorm.adabn(model, target.images)
     elif bn == "map":
-        batchnorm.map_to_source(model, target.images, moments or batchnorm.input_moments(model, train.images))
+        batchnorm.map_to_source(model, target.images, moments or batchnorm.input_moments(model, train.images, center), center)
 
 
 def fit_to_lab(model: CellClassifier, source: tuple[torch.Tensor, np.ndarray], tgt: torch.Tensor, labels: np.ndarray,

@@ -1,0 +1,343 @@
+"""Adapting a PBC-trained checkpoint to two other labs (BCCD, cellavision-100): which method, measured on cells
+it never saw.
+
+Each target is split per seed into an adaptation pool and a held-out test half (stratified, seeded, near copies
+together). Every row adapts a fresh copy of the checkpoint with ``leukonet.adapt.run.adapt_model`` (what
+``python -m leukonet.adapt`` runs) and scores the held-out half and the PBC test split:
+
+- ``none``; each label-free method and combinations, inductive (the pool's cells) and transductive (pool and
+  test cells, unlabelled);
+- k = 1, 3, 5, 10 labelled pool cells a class (capped by what the pool has), ``random`` (k of each class) or
+  ``suggest`` (as many cells, ranked by ``leukonet.adapt.suggest`` on the label-free adapted model's features),
+  adapted with ``--labelled-method``.
+
+The label-free method recommended is the one with the highest mean balanced accuracy over both targets
+(inductive); ``--time-cli`` also times the command itself on 1,000 unlabelled cells and on a 10-a-class
+fine-tune. Numbers are means over ``--seeds``.
+
+    python experiments/adapt/bench.py --ckpt outputs/adapt/source-short-seed0/checkpoints/last.ckpt --seeds 0 1 2 --time-cli
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "experiments" / "stain_robustness")]
+
+from ablation import data_folder  # noqa: E402
+from leukonet.adapt import batchnorm, head  # noqa: E402
+from leukonet.adapt.cells import Cells, decode, per_class, source_cells  # noqa: E402
+from leukonet.adapt.run import adapt_batchnorm, fit_to_lab, probabilities  # noqa: E402
+from leukonet.adapt.suggest import rank  # noqa: E402
+from leukonet.calibration import expected_calibration_error, retained  # noqa: E402
+from leukonet.classes import CLASSES  # noqa: E402
+from leukonet.data.check import duplicate_groups  # noqa: E402
+from leukonet.data.folder import scan_folder  # noqa: E402
+from leukonet.data.split import read_split, stratified_split  # noqa: E402
+from leukonet.model import CellClassifier  # noqa: E402
+from leukonet.provenance import machine, portable_path, portable_text  # noqa: E402
+
+METHODS = {  # label-free rows: name -> method config (conf/method/*.yaml)
+    name: OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
+    for name in ("none", "adabn", "bn_map", "self_train", "prior", "bn_map_self_train", "bn_map_center",
+                 "bn_map_center_self_train")
+}
+METHODS["self_train_prior"] = {**METHODS["self_train"], "prior": True}
+METHODS["bn_map_center_prior"] = {**METHODS["bn_map_center"], "prior": True}
+TARGETS = {"bccd": "bccd-crops", "cellavision": "cellavision-100"}
+KS = (1, 3, 5, 10)
+MIN_SUPPORT = 10  # balanced accuracy also over the classes with at least this many test cells
+
+
+def target_cells(root: Path, size: int) -> tuple[Cells, list]:
+    entries = scan_folder(root).entries
+    cells = decode([(root / e.path).resolve() for e in entries], size, [e.label for e in entries])
+    return cells, entries
+
+
+def halves(entries: list, root: Path, seed: int, groups: list) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the adaptation pool and the held-out test half (stratified, near copies together)."""
+    split = stratified_split(entries, (0.5, 0.0, 0.5), seed, groups)
+    index = {e.path: i for i, e in enumerate(entries)}
+    return (np.array(sorted(index[e.path] for e in split["train"])), np.array(sorted(index[e.path] for e in split["test"])))
+
+
+def scores(model, feats: torch.Tensor, y: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy (all classes present; those with >= MIN_SUPPORT cells), macro-F1, recall per
+    class, ECE and coverage at the review threshold, from the backbone features of labelled cells."""
+    from sklearn.metrics import f1_score
+
+    probs = probabilities(model, feats)
+    pred = probs.argmax(1)
+    present = [c for c in range(len(CLASSES)) if (y == c).any()]
+    recall = {CLASSES[c]: float((pred[y == c] == c).mean()) for c in present}
+    big = [CLASSES[c] for c in present if (y == c).sum() >= MIN_SUPPORT]
+    threshold = model.chosen_review_threshold()
+    kept = retained(probs, y, threshold) if threshold is not None else {"coverage": None, "accuracy": None}
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "balanced_accuracy": float(np.mean(list(recall.values()))),
+            "balanced_accuracy_10": float(np.mean([recall[c] for c in big])), "macro_f1": float(f1_score(y, pred, labels=present, average="macro")),
+            "recall": recall, "ece": expected_calibration_error(probs, y),
+            "coverage_at_threshold": kept["coverage"], "accuracy_of_retained": kept["accuracy"]}
+
+
+class Adapted:
+    """The checkpoint after one BatchNorm step on some of the lab's cells, with every feature the rows need computed
+    once: the training cells', the cells adapted on, the held-out half's and PBC's test split's. Each row then
+    fits the head, calibration and class mix on a copy (``leukonet.adapt.run.fit_to_lab``, what the command runs)."""
+
+    def __init__(self, original, source: Cells, on: Cells, test: Cells, pbc: Cells, bn: tuple, before: np.ndarray,
+                 moments: dict) -> None:
+        started = time.perf_counter()
+        self.model = copy.deepcopy(original)
+        mode, center = bn
+        adapt_batchnorm(self.model, source, on, mode, moments.get(center), center)  # training cells' moments: once
+        self.source = (head.features(self.model, source.images), source.labels)
+        self.on = head.features(self.model, on.images)
+        self.seconds = time.perf_counter() - started  # what adaptation itself spends on the backbone
+        self.test, self.pbc = head.features(self.model, test.images), head.features(self.model, pbc.images)
+        self.test_y, self.pbc_y, self.before = test.labels, pbc.labels, before
+
+    def row(self, method: dict, labels: np.ndarray, seed: int) -> dict:
+        model = copy.deepcopy(self.model)
+        started = time.perf_counter()
+        summary, _ = fit_to_lab(model, self.source, self.on, labels, OmegaConf.create(method), self.before, seed=seed,
+                                refit_ood=False)
+        wall = self.seconds + time.perf_counter() - started
+        return {"target": scores(model, self.test, self.test_y), "pbc_test": {"accuracy": scores(model, self.pbc, self.pbc_y)["accuracy"]},
+                "wall_s": round(wall, 1), "labelled": int((labels >= 0).sum()),
+                "estimated_proportions": summary["estimated_proportions"]}
+
+
+def bn_step(method: dict) -> tuple[str, float | None]:
+    """What a method does to the backbone: its BatchNorm mode and the centre share of its moments."""
+    return method["bn"], method.get("bn_center") if method["bn"] == "map" else None
+
+
+def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) -> dict:
+    cells, entries = target_cells(root, model.hparams.image_size)
+    groups = duplicate_groups(root, entries)
+    all_feats = head.features(model, cells.images)
+    steps = sorted({bn_step(METHODS[m]) for m in [*args.methods, *args.labelled_methods]}, key=str)
+    moments = {c: batchnorm.input_moments(model, source.images, c) for c in {c for b, c in steps if b == "map"}}
+    rows: dict[str, list[dict]] = {}
+
+    def add(key: str, adapted: Adapted, method: dict, labels: np.ndarray, seed: int) -> None:
+        rows.setdefault(key, []).append(adapted.row(method, labels, seed))
+        t = rows[key][-1]["target"]
+        print(f"{name} seed {seed} {key}: accuracy {t['accuracy']:.3f}, balanced {t['balanced_accuracy']:.3f}", flush=True)
+
+    for seed in args.seeds:
+        pool_i, test_i = halves(entries, root, seed, groups)
+        pool, test = cells.subset(pool_i), cells.subset(test_i)
+        both = cells.subset(np.concatenate([pool_i, test_i]))
+        before = probabilities(model, all_feats[torch.as_tensor(pool_i)])
+        adapted = {bn: Adapted(model, source, pool, test, pbc, bn, before, moments) for bn in steps}
+        for method in args.methods:  # inductive: the pool's cells, unlabelled
+            cfg = METHODS[method]
+            add(method if method == "none" else f"{method}/inductive", adapted[bn_step(cfg)], cfg, np.full(len(pool), -1), seed)
+        # transductive (pool and test cells, unlabelled), for the methods named
+        before_both = probabilities(model, all_feats[torch.as_tensor(np.concatenate([pool_i, test_i]))])
+        for bn in {bn_step(METHODS[m]) for m in args.transductive}:
+            on_both = Adapted(model, source, both, test, pbc, bn, before_both, moments)
+            for method in (m for m in args.transductive if bn_step(METHODS[m]) == bn):
+                add(f"{method}/transductive", on_both, METHODS[method], np.full(len(both), -1), seed)
+        # which cells to label: ranked on the features of the checkpoint adapted without labels (the labelled
+        # method's BatchNorm step on the pool)
+        for labelled_method in args.labelled_methods:
+            labelled_cfg = METHODS[labelled_method]
+            free = adapted[bn_step(labelled_cfg)]
+            ranked = rank(free.on, probabilities(free.model, free.on), len(pool), seed)
+            for k in args.ks:
+                budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
+                for strategy, chosen in (("random", per_class(pool.labels, k, seed)), ("suggest", np.array(ranked[:budget]))):
+                    labels = np.full(len(pool), -1)
+                    labels[chosen] = pool.labels[chosen]
+                    add(f"k{k}/{strategy}/{labelled_method}", free, labelled_cfg, labels, seed)
+    return rows
+
+
+def mean(rows: list[dict], *path: str) -> float | None:
+    values = []
+    for r in rows:
+        for p in path:
+            r = r.get(p) if isinstance(r, dict) else None
+        if r is not None:
+            values.append(r)
+    return float(statistics.mean(values)) if values else None
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {m: mean(rows, "target", m) for m in ("accuracy", "balanced_accuracy", "balanced_accuracy_10", "macro_f1", "ece",
+                                                "coverage_at_threshold", "accuracy_of_retained")}
+    out["balanced_accuracy_sd"] = float(statistics.pstdev([r["target"]["balanced_accuracy"] for r in rows]))
+    out["recall"] = {c: mean(rows, "target", "recall", c) for c in CLASSES}
+    out["pbc_test_accuracy"] = mean(rows, "pbc_test", "accuracy")
+    out["wall_s"] = mean(rows, "wall_s")
+    out["labelled"] = mean(rows, "labelled")
+    out["n_test"] = mean(rows, "target", "n")
+    out["estimated_proportions"] = {c: mean(rows, "estimated_proportions", c) for c in CLASSES}
+    return out
+
+
+def time_cli(ckpt: Path, data: Path, method: str, labelled_method: str, work: Path) -> dict:
+    """Wall time of the command itself: label-free on 1,000 unlabelled cells (BCCD's 351, cellavision's 100 and 549
+    PBC-other cells: timing only), and a 10-a-class fine-tune on BCCD (41 labelled cells, the rest unlabelled)."""
+    work.mkdir(parents=True, exist_ok=True)
+    files = [p for d in ("bccd-crops", "cellavision-100") for p in sorted((data / d).rglob("*")) if p.is_file()]
+    files += sorted(p for p in (data / "pbc-other").rglob("*.jpg"))[: 1000 - len(files)]
+    manifest = work / "thousand.csv"
+    manifest.write_text("path\n" + "\n".join(str(p.resolve()) for p in files) + "\n")
+    bccd = scan_folder(data / "bccd-crops").entries
+    chosen = per_class(np.array([e.label for e in bccd]), 10, 0)
+    labels = work / "bccd_k10.csv"
+    with labels.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([str((data / "bccd-crops" / bccd[i].path).resolve()), CLASSES[bccd[i].label]] for i in chosen)
+    out = {}
+    for key, extra in (("label_free_1000", [f"target.manifest={manifest}", f"method={method}"]),
+                       ("labelled_k10_bccd", [f"target.root={data / 'bccd-crops'}", f"target.labels={labels}",
+                                              f"method={labelled_method}"])):
+        cmd = [sys.executable, "-m", "leukonet.adapt", f"ckpt_path={ckpt}", f"hydra.run.dir={work / key}", *extra]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        report = json.loads((work / key / "adaptation.json").read_text())
+        out[key] = {"wall_s": round(time.perf_counter() - started, 1), "cells": report["cells"],
+                    "labelled": report["labelled"], "command": portable_text(" ".join(["python", *cmd[1:]]), REPO)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=Path, required=True, help="a +experiment=stain_robust checkpoint trained on pbc-2500")
+    p.add_argument("--data", type=Path, default=None, help="the folder with pbc-2500/, bccd-crops/, cellavision-100/")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--transductive", nargs="+", default=["self_train", "bn_map_center_self_train"], choices=list(METHODS),
+                   help="methods also run on the pool and the test cells together (unlabelled)")
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS))
+    p.add_argument("--labelled-methods", nargs="+", default=["self_train", "bn_map_center_self_train"], choices=list(METHODS),
+                   help="how the k labelled cells (and the unlabelled rest) adapt the model; each gets its k rows")
+    p.add_argument("--time-cli", action="store_true", help="also time the command itself (after the rows)")
+    p.add_argument("--time-cli-only", action="store_true",
+                   help="only time the command, with the methods recommended in --out's results.json, and add it there")
+    p.add_argument("--budget", default="short", help="how the checkpoint was trained, for the record")
+    p.add_argument("--out", type=Path, default=HERE)
+    args = p.parse_args()
+    data = data_folder(args.data)
+    if args.time_cli_only:
+        results = json.loads((args.out / "results.json").read_text())
+        results["cli_timing"] = time_cli(args.ckpt, data, results["best_unsupervised"]["method"],
+                                         results["labelled_method"], REPO / "outputs" / "adapt" / "timing")
+        write(results, args.out)
+        return
+    started = time.perf_counter()
+    model = CellClassifier.from_checkpoint(args.ckpt)
+    size = model.hparams.image_size
+    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), args.ckpt, size)
+    run = args.ckpt.resolve().parents[1]
+    pbc_test = read_split(run / "split.csv")["test"]
+    pbc = decode([(data / "pbc-2500" / e.path).resolve() for e in pbc_test], size, [e.label for e in pbc_test])
+
+    table = {name: {k: summarise(v) for k, v in run_target(name, data / folder, model, source, pbc, args).items()}
+             for name, folder in TARGETS.items()}
+    both = lambda key, metric="balanced_accuracy": statistics.mean(table[t][key][metric] for t in TARGETS)  # noqa: E731
+    best = max((m for m in args.methods if m != "none"), key=lambda m: both(f"{m}/inductive"))
+    labelled = max(args.labelled_methods, key=lambda m: both(f"k10/suggest/{m}") if 10 in args.ks else both(f"k{args.ks[-1]}/suggest/{m}"))
+    results = {
+        "checkpoint": portable_path(args.ckpt), "budget": args.budget, "seeds": args.seeds, "image_size": size,
+        "command": portable_text(" ".join(["python", "experiments/adapt/bench.py", *sys.argv[1:]]), REPO),
+        "machine": machine(), "wall_s": None,
+        "no_adaptation": {t: table[t]["none"] for t in TARGETS},
+        "best_unsupervised": {"method": best, "mode": "inductive", **{t: table[t][f"{best}/inductive"] for t in TARGETS},
+                              "pbc_test": {"accuracy": both(f"{best}/inductive", "pbc_test_accuracy")}},
+        "labelled_method": labelled,
+        **{f"k{k}": {s: {t: table[t][f"k{k}/{s}/{labelled}"] for t in TARGETS} for s in ("random", "suggest")} for k in args.ks},
+        "rows": table,
+    }
+    if args.time_cli:
+        results["cli_timing"] = time_cli(args.ckpt, data, best, labelled, REPO / "outputs" / "adapt" / "timing")
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    write(results, args.out)
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(f"wrote {out / 'results.md'}")
+
+
+def pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(r: dict) -> str:
+    targets = list(TARGETS)
+    lines = ["# Adapting a PBC-trained checkpoint to other labs", "",
+             f"Checkpoint `{r['checkpoint']}` ({r['budget']} budget, {r['image_size']} px, `+experiment=stain_robust`, "
+             f"trained on pbc-2500's seed-42 split: Acevedo et al., Data in Brief 30:105474, 2020, CC BY 4.0). Targets: "
+             "BCCD crops (MIT) and cellavision-100 (Zheng et al., Micron 2018), each split per seed into an adaptation "
+             f"pool and a held-out half; means over seeds {r['seeds']}. Held-out numbers in %; bal. = balanced accuracy "
+             f"(bal.10: classes with at least {MIN_SUPPORT} test cells); PBC = the adapted model on PBC's test split.", "",
+             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}; total {r['wall_s']} s", ""]
+    header = "| row | " + " | ".join(f"{t} acc | {t} bal. | {t} bal.10 | {t} F1 | {t} ECE | {t} PBC" for t in targets) + " | s |"
+    lines += ["## Every row", "", header, "|---|" + "---:|" * (6 * len(targets) + 1)]
+    for key in r["rows"][targets[0]]:
+        cells = []
+        for t in targets:
+            s = r["rows"][t][key]
+            cells += [pct(s["accuracy"]), f"{pct(s['balanced_accuracy'])} ± {pct(s['balanced_accuracy_sd'])}",
+                      pct(s["balanced_accuracy_10"]), pct(s["macro_f1"]), f"{s['ece']:.3f}", pct(s["pbc_test_accuracy"])]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {r['rows'][targets[0]][key]['wall_s']:.0f} |")
+    lines += ["", "## Recall per class (held-out)", "", "| row | target | " + " | ".join(CLASSES) + " |",
+              "|---|---|" + "---:|" * len(CLASSES)]
+    for key in r["rows"][targets[0]]:
+        for t in targets:
+            lines.append(f"| {key} | {t} | " + " | ".join(pct(r["rows"][t][key]["recall"][c]) for c in CLASSES) + " |")
+    lines += ["", "## Calibration after adaptation (held-out)", "",
+              "Temperature and review threshold: refitted on the lab's labelled cells from 25 on (k = 10 at BCCD: 41 "
+              "cells; they also trained the head), else the checkpoint's own, fitted on PBC validation.", "",
+              "| row | " + " | ".join(f"{t} ECE | {t} coverage | {t} acc. of retained" for t in targets) + " |",
+              "|---|" + "---:|" * (3 * len(targets))]
+    for key in r["rows"][targets[0]]:
+        lines.append(f"| {key} | " + " | ".join(
+            f"{r['rows'][t][key]['ece']:.3f} | {pct(r['rows'][t][key]['coverage_at_threshold'])} | "
+            f"{pct(r['rows'][t][key]['accuracy_of_retained'])}" for t in targets) + " |")
+    b = r["best_unsupervised"]
+    lines += ["", "## Summary", "",
+              f"- Without labels, the best method over both targets (mean balanced accuracy, inductive) is **{b['method']}**: "
+              + "; ".join(f"{t} {pct(r['no_adaptation'][t]['balanced_accuracy'])} -> {pct(b[t]['balanced_accuracy'])} % balanced, "
+                          f"{pct(r['no_adaptation'][t]['accuracy'])} -> {pct(b[t]['accuracy'])} % accuracy" for t in targets)
+              + f"; PBC test accuracy of the adapted models {pct(b['pbc_test']['accuracy'])} % "
+                f"(unadapted {pct(statistics.mean(r['no_adaptation'][t]['pbc_test_accuracy'] for t in targets))} %)."]
+    for k in (key for key in r if key.startswith("k") and key[1:].isdigit()):
+        lines.append(f"- {k[1:]} labelled cells a class (`{r['labelled_method']}`, chosen on both targets' k = 10 suggested rows): "
+                     + "; ".join(f"{t} random {pct(r[k]['random'][t]['accuracy'])} % / {pct(r[k]['random'][t]['balanced_accuracy'])} % bal., "
+                                 f"suggested {pct(r[k]['suggest'][t]['accuracy'])} % / {pct(r[k]['suggest'][t]['balanced_accuracy'])} % bal."
+                                 for t in targets))
+    if "cli_timing" in r:
+        c = r["cli_timing"]
+        lines += ["", "## The command's wall time", ""]
+        lines += [f"- {k}: {v['wall_s']} s ({v['cells']} cells, {v['labelled']} labelled): `{v['command']}`" for k, v in c.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
