@@ -149,13 +149,15 @@ def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Pa
         writer.writerow(["path", "label"])
         writer.writerows([f"lab/{p.name}", p.name.split("_")[0]] for p in labelled)
     out = tmp_path / "adapted"
-    proc = adapt(ckpt, out, f"target.root={lab}", f"target.labels={labels}", "method=bn_map_self_train")
+    proc = adapt(ckpt, out, f"target.root={lab}", f"target.labels={labels}", "method=bn_map_self_train",
+                 "calibration.min_labelled=5")  # 10 labelled cells: the temperature is refitted on them
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "adaptation.json").read_text())
     assert report["cells"] == 40 and report["labelled"] == len(labelled) and report["method"]["bn"] == "map"
     assert abs(sum(report["estimated_proportions"].values()) - 1) < 1e-6
     assert set(report["class_mix_after"]) == set(CLASSES) and 0 <= report["changed_class"] <= 40
     assert report["self_training"][0]["labelled"] == len(labelled)
+    assert report["calibration"]["refitted_on"].startswith("10 labelled cells") and report["calibration"]["n"] == 10
     assert "adapted to the 40 cells" in (out / "adaptation.md").read_text()
     adapted = torch.load(out / "adapted.ckpt", weights_only=True)
     original = torch.load(ckpt, weights_only=True)

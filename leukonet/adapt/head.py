@@ -34,7 +34,7 @@ def features(model, images: torch.Tensor) -> torch.Tensor:
     return ood.features(model, images)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: calibration fits a temperature on these with autograd
 def logits(model, feats: torch.Tensor) -> torch.Tensor:
     """The model's raw logits (prior shift included) from pooled features."""
     was = model.head.training
@@ -64,7 +64,13 @@ def fit(model, source: tuple[torch.Tensor, np.ndarray], target: torch.Tensor, la
     rounds = max(cfg.rounds, 1 if (labels >= 0).any() else 0)
     if rounds == 0:
         return []
-    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():  # dropout draws from the global generator: seeded here, restored after
+        torch.manual_seed(seed)
+        return _fit(model, source, target, labels, cfg, rounds, torch.Generator().manual_seed(seed))
+
+
+def _fit(model, source: tuple[torch.Tensor, np.ndarray], target: torch.Tensor, labels: np.ndarray, cfg: SelfTraining,
+         rounds: int, g: torch.Generator) -> list[dict]:
     src_x, src_y = source[0].clone(), torch.as_tensor(source[1])  # clones: features come from inference mode
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01)
     history = []
