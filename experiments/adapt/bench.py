@@ -54,10 +54,8 @@ from leukonet.provenance import machine, portable_path, portable_text  # noqa: E
 METHODS = {  # label-free rows: name -> method config (conf/method/*.yaml)
     name: OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
     for name in ("none", "adabn", "bn_map", "self_train", "prior", "bn_map_self_train", "bn_map_center",
-                 "bn_map_center_self_train")
+                 "bn_map_center_self_train", "self_train_prior", "bn_map_center_prior")
 }
-METHODS["self_train_prior"] = {**METHODS["self_train"], "prior": True}
-METHODS["bn_map_center_prior"] = {**METHODS["bn_map_center"], "prior": True}
 TARGETS = {"bccd": "bccd-crops", "cellavision": "cellavision-100"}
 KS = (1, 3, 5, 10)
 MIN_SUPPORT = 10  # balanced accuracy also over the classes with at least this many test cells
@@ -237,10 +235,14 @@ def main() -> None:
     p.add_argument("--time-cli", action="store_true", help="also time the command itself (after the rows)")
     p.add_argument("--time-cli-only", action="store_true",
                    help="only time the command, with the methods recommended in --out's results.json, and add it there")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite --out's results.md from its results.json")
     p.add_argument("--budget", default="short", help="how the checkpoint was trained, for the record")
     p.add_argument("--out", type=Path, default=HERE)
     args = p.parse_args()
     data = data_folder(args.data)
+    if args.markdown_only:
+        write(json.loads((args.out / "results.json").read_text()), args.out)
+        return
     if args.time_cli_only:
         results = json.loads((args.out / "results.json").read_text())
         results["cli_timing"] = time_cli(args.ckpt, data, results["best_unsupervised"]["method"],
@@ -282,6 +284,28 @@ def write(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     print(f"wrote {out / 'results.md'}")
+
+
+def recommendation(r: dict) -> list[str]:
+    """What to tell a lab, from the numbers: a label-free method only if it beats no adaptation on every target."""
+    targets, b = list(TARGETS), r["best_unsupervised"]
+    gains = {t: b[t]["balanced_accuracy"] - r["no_adaptation"][t]["balanced_accuracy"] for t in targets}
+    out = []
+    if all(g > 0 for g in gains.values()):
+        out.append(f"- Without labels: `method={b['method']}` (balanced accuracy "
+                   + ", ".join(f"{t} {100 * g:+.1f} points" for t, g in gains.items()) + ").")
+    else:
+        out.append("- Without labels: no method beat no adaptation on both targets (the best, `"
+                   + b["method"] + "`: " + ", ".join(f"{t} {100 * g:+.1f} points" for t, g in gains.items())
+                   + " of balanced accuracy); adapt a lab's model with its labelled cells, and use the label-free "
+                     "report only for the class mix it estimates.")
+    k = "k10" if "k10" in r else max((key for key in r if key.startswith("k") and key[1:].isdigit()), key=lambda x: int(x[1:]))
+    wins = {t: r[k]["suggest"][t]["accuracy"] - r[k]["random"][t]["accuracy"] for t in targets}
+    out.append(f"- With labels: `method={r['labelled_method']} target.labels=...`, the cells to label from "
+               f"`leukonet.adapt.suggest` ({k[1:]} a class: " + ", ".join(
+                   f"{t} {pct(r['no_adaptation'][t]['accuracy'])} -> {pct(r[k]['suggest'][t]['accuracy'])} % accuracy, "
+                   f"suggested {100 * w:+.1f} points over random" for t, w in wins.items()) + ").")
+    return out
 
 
 def pct(v: float | None) -> str:
@@ -332,6 +356,7 @@ def markdown(r: dict) -> str:
                      + "; ".join(f"{t} random {pct(r[k]['random'][t]['accuracy'])} % / {pct(r[k]['random'][t]['balanced_accuracy'])} % bal., "
                                  f"suggested {pct(r[k]['suggest'][t]['accuracy'])} % / {pct(r[k]['suggest'][t]['balanced_accuracy'])} % bal."
                                  for t in targets))
+    lines += ["", "## Recommendation (chosen on both targets together)", "", *recommendation(r)]
     if "cli_timing" in r:
         c = r["cli_timing"]
         lines += ["", "## The command's wall time", ""]
