@@ -1,8 +1,9 @@
 """The LightningDataModule: one owner for the split, the decoding and the transforms.
 
 With ``root`` unset it generates synthetic cells (the configs' default root is the embedded sample of real
-PBC cells, ``leukonet.data.embedded_sample``), so every command runs on a fresh clone. Images are decoded once (in threads) at set-up: undecodable files are found there,
-named and skipped, never mid-epoch, and the decoded uint8 pixels stay in memory for every epoch.
+PBC cells, ``leukonet.data.embedded_sample``), so every command runs on a fresh clone. Images are decoded
+once (in threads) at set-up: undecodable files are found there, named and skipped, never mid-epoch, and the
+decoded uint8 pixels stay in memory for every epoch.
 """
 
 from __future__ import annotations
