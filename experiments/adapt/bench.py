@@ -39,7 +39,8 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "experiments" / "stain_robustness")]
 
 from ablation import data_folder  # noqa: E402
-from leukonet.adapt import batchnorm, head  # noqa: E402
+from leukonet import ood  # noqa: E402
+from leukonet.adapt import batchnorm  # noqa: E402
 from leukonet.adapt.cells import Cells, decode, per_class, source_cells  # noqa: E402
 from leukonet.adapt.run import adapt_batchnorm, fit_to_lab, probabilities  # noqa: E402
 from leukonet.adapt.suggest import rank  # noqa: E402
@@ -103,10 +104,10 @@ class Adapted:
         self.model = copy.deepcopy(original)
         mode, center = bn
         adapt_batchnorm(self.model, source, on, mode, moments.get(center), center)  # training cells' moments: once
-        self.source = (head.features(self.model, source.images), source.labels)
-        self.on = head.features(self.model, on.images)
+        self.source = (ood.features(self.model, source.images), source.labels)
+        self.on = ood.features(self.model, on.images)
         self.seconds = time.perf_counter() - started  # what adaptation itself spends on the backbone
-        self.test, self.pbc = head.features(self.model, test.images), head.features(self.model, pbc.images)
+        self.test, self.pbc = ood.features(self.model, test.images), ood.features(self.model, pbc.images)
         self.test_y, self.pbc_y, self.before = test.labels, pbc.labels, before
 
     def row(self, method: dict, labels: np.ndarray, seed: int) -> dict:
@@ -128,7 +129,7 @@ def bn_step(method: dict) -> tuple[str, float | None]:
 def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) -> dict:
     cells, entries = target_cells(root, model.hparams.image_size)
     groups = duplicate_groups(root, entries)
-    all_feats = head.features(model, cells.images)
+    all_feats = ood.features(model, cells.images)
     steps = sorted({bn_step(METHODS[m]) for m in [*args.methods, *args.labelled_methods]}, key=str)
     moments = {c: batchnorm.input_moments(model, source.images, c) for c in {c for b, c in steps if b == "map"}}
     rows: dict[str, list[dict]] = {}

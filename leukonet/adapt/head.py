@@ -1,8 +1,9 @@
 """The head re-fitted for a new lab on the backbone's features: its labelled cells and/or its confident
 unlabelled ones (class-balanced self-training), with the training lab's cells kept in every batch.
 
-The backbone is left as the BatchNorm step made it, so each cell's features are computed once and the head
-(fastai's or a linear one, a few hundred thousand weights) trains in seconds on 2 CPU cores. Pseudo-labels
+The backbone is left as the BatchNorm step made it, so each cell's features (``leukonet.ood.features``: the
+pooled features the head reads) are computed once and the head (fastai's or a linear one, a few hundred
+thousand weights) trains in seconds on 2 CPU cores. Pseudo-labels
 follow Zou et al. 2018 (class-balanced self-training): each round keeps the same share of the cells
 predicted in each class, most confident first, so the classes the lab has many of do not crowd out the rest;
 the training cells keep their labels in every batch, so the model does not forget what it knew.
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from leukonet import ood
 
 
 @dataclass
@@ -28,10 +28,6 @@ class SelfTraining:
     lr: float = 1e-3
     batch: int = 64  # training cells, and as many target cells, per step
     label_weight: float = 4.0  # a labelled target cell is drawn this many times as often as a pseudo-labelled one
-
-
-def features(model, images: torch.Tensor) -> torch.Tensor:
-    return ood.features(model, images)
 
 
 @torch.no_grad()  # not inference_mode: calibration fits a temperature on these with autograd

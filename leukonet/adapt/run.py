@@ -46,12 +46,12 @@ def adapt_model(model: CellClassifier, train: Cells, target: Cells, labels: np.n
     method = OmegaConf.create(dict(method)) if not isinstance(method, DictConfig) else method
     t0 = time.perf_counter()
     model.eval()
-    before_feats = head.features(model, target.images)
+    before_feats = ood.features(model, target.images)
     before = probabilities(model, before_feats)
     adapt_batchnorm(model, train, target, str(method.get("bn", "none")), center=method.get("bn_center"))
     bn_s = time.perf_counter() - t0
-    tgt = before_feats if method.get("bn", "none") == "none" else head.features(model, target.images)
-    src = head.features(model, train.images)
+    tgt = before_feats if method.get("bn", "none") == "none" else ood.features(model, target.images)
+    src = ood.features(model, train.images)
     summary, stats = fit_to_lab(model, (src, train.labels), tgt, labels, method, before, min_labelled, target_accuracy, seed)
     summary["timings"] = {"batchnorm_s": round(bn_s, 1), "total_s": round(time.perf_counter() - t0, 1)}
     return summary, stats

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from sklearn.cluster import KMeans
 
+from leukonet import ood
 from leukonet.adapt import head
 from leukonet.adapt.cells import read_labels, target_cells
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
@@ -61,7 +62,7 @@ def suggest(cfg: DictConfig) -> list[dict]:
     open_cells = np.flatnonzero(~known)
     if not len(open_cells):
         raise DataError("every target cell is already labelled")
-    feats = head.features(model, cells.images[torch.as_tensor(open_cells)])
+    feats = ood.features(model, cells.images[torch.as_tensor(open_cells)])
     probs = torch.softmax(head.logits(model, feats) / model.temperature, 1).numpy()
     names = model.hparams.class_names
     rows = []
