@@ -216,7 +216,12 @@ class CellClassifier(L.LightningModule):
                 features = self.backbone(x)
         else:
             features = self.backbone(x)
-        return self.head(features).float() + self.log_prior_shift  # fp32 logits, also under bf16 autocast
+        return self.logits_of(features)
+
+    def logits_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The logits of pooled backbone features: the head, then the lab's class-mix shift (fp32, also under
+        bf16 autocast). ``leukonet.adapt`` re-fits the head on stored features through this."""
+        return self.head(features).float() + self.log_prior_shift
 
     # -- Lightning steps ------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

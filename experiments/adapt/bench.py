@@ -62,7 +62,7 @@ KS = (1, 3, 5, 10)
 MIN_SUPPORT = 10  # balanced accuracy also over the classes with at least this many test cells
 
 
-def target_cells(root: Path, size: int) -> tuple[Cells, list]:
+def labelled_cells(root: Path, size: int) -> tuple[Cells, list]:
     entries = scan_folder(root).entries
     cells = decode([(root / e.path).resolve() for e in entries], size, [e.label for e in entries])
     return cells, entries
@@ -127,7 +127,7 @@ def bn_step(method: dict) -> tuple[str, float | None]:
 
 
 def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) -> dict:
-    cells, entries = target_cells(root, model.hparams.image_size)
+    cells, entries = labelled_cells(root, model.hparams.image_size)
     groups = duplicate_groups(root, entries)
     all_feats = ood.features(model, cells.images)
     steps = sorted({bn_step(METHODS[m]) for m in [*args.methods, *args.labelled_methods]}, key=str)

@@ -36,7 +36,7 @@ def logits(model, feats: torch.Tensor) -> torch.Tensor:
     was = model.head.training
     model.head.eval()
     try:
-        return model.head(feats).float() + model.log_prior_shift
+        return model.logits_of(feats)
     finally:
         model.head.train(was)
 
