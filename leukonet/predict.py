@@ -26,7 +26,7 @@ from rich.table import Table
 from scipy.stats import beta
 
 from leukonet import ood
-from leukonet.data.cells import TRAINING_FRACTION, crop_cell, find_cells
+from leukonet.data.cells import TRAINING_FRACTION, crop_cell, find_cells, single_cell
 from leukonet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from leukonet.data.transforms import eval_transform
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
@@ -84,24 +84,13 @@ def listed_files(csv_path: Path) -> list[Path]:
     return list(dict.fromkeys(resolve(p) for p in listed))
 
 
-def is_field(image: np.ndarray, found: list) -> bool:
-    """A whole field rather than a single-cell crop: several leukocytes, or one that is much smaller than
-    in a training crop or far from the centre (crops are centred on their cell)."""
-    if len(found) != 1:
-        return len(found) > 1
-    (c,) = found
-    h, w = image.shape[:2]
-    off_centre = np.hypot(c.x - w / 2, c.y - h / 2) > 0.25 * min(h, w)
-    return 2 * c.radius / min(h, w) < 0.6 * TRAINING_FRACTION or off_centre
-
-
 def cells_of(image: np.ndarray, file: str, fields: str) -> list[Cell]:
-    """A single-cell image as it is; a field (``fields=true``, or ``auto`` and ``is_field``) as one crop
-    per leukocyte found."""
+    """A single-cell image as it is; a field (``fields=true``, or ``auto`` and not ``single_cell``) as one crop
+    per leukocyte found, those cut by the field's edge included."""
     if fields == "false":
         return [Cell(file, None, None, None, image)]
     found = find_cells(image)
-    if not found or (fields == "auto" and not is_field(image, found)):
+    if not found or (fields == "auto" and single_cell(image, found) is not None):
         return [Cell(file, None, None, None, image, bool(found))]
     return [Cell(file, i, round(c.x, 1), round(c.y, 1), crop_cell(image, c, TRAINING_FRACTION), True)
             for i, c in enumerate(found)]

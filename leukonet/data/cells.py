@@ -11,10 +11,13 @@ leukocyte nucleus is the only large object stained dark violet. In optical densi
 green light strongly and blue light hardly at all, whereas the eosin-type stain of red cells and
 eosinophil granules absorbs blue about as much as green, and background and most cytoplasm absorb
 little of either. ``OD_green - OD_blue`` is therefore a one-line colour deconvolution into a nuclear
-stain channel (PBC nuclei ~1.8, BCCD ~0.7, red cells ~0.1). It is thresholded; each piece of nucleus
+stain channel (PBC nuclei ~1.8, BCCD ~0.7, red cells ~0.1). It is thresholded at half the image's own
+nucleus level (labs stain differently: see ``nucleus_threshold``); each piece of nucleus
 proposes the largest disc of stained cell (nucleus, cytoplasm, granules: anything darker than the
 background) centred in its middle; pieces whose discs overlap are the lobes of one cell; groups too
-small to be a nucleus (platelets, debris) and nuclei cut by the field's edge are dropped. The cell's
+small to be a nucleus (platelets, debris) are dropped; a cell cut by the field's edge is kept, marked
+``cut``, when as much nucleus shows as a whole small nucleus has (in BCCD's fields 110 of 372
+leukocytes touch the edge: a finder that drops them misses them in the count). The cell's
 centre and radius are those of the largest disc of stained cell centred in the middle of its
 nucleus: a red cell touching the leukocyte widens the stained region but hardly that disc. For an
 irregular cell (a monocyte with pseudopods) the disc is smaller than the cell; the training
@@ -51,7 +54,8 @@ from leukonet.errors import DataError
 #   for e in scan_folder(root).entries if not e.path.rsplit('/', 1)[-1].startswith('.')))"  # -> 0.35556
 TRAINING_FRACTION = 0.356
 
-NUCLEUS_OD = 0.35  # OD_green - OD_blue above which a pixel is nuclear stain
+NUCLEUS_SHARE = 0.35  # a pixel is nucleus above this share of the image's nucleus level (see nucleus_threshold)
+NUCLEUS_FLOOR = 0.3  # ... and never below this OD_green - OD_blue, which red cells stay under
 MIN_NUCLEUS = 0.06  # a nucleus smaller than a disc of this radius (share of the shorter side) is a platelet or debris
 
 
@@ -62,6 +66,7 @@ class Cell:
     x: float
     y: float
     radius: float
+    cut: bool = False  # the nucleus touches the field's edge: part of the cell is outside the image
 
 
 def _optical_density(field: np.ndarray) -> np.ndarray:
@@ -101,29 +106,30 @@ def _disc(radius: float) -> np.ndarray:
 
 
 def find_cells(field: np.ndarray) -> list[Cell]:
-    """The leukocytes in an RGB uint8 field, in no particular order."""
+    """The leukocytes in an RGB uint8 field, in no particular order; those cut by the field's edge have ``cut``."""
     if field.ndim != 3 or field.shape[2] != 3 or field.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {field.dtype} {field.shape}")
     scale = min(field.shape[:2])
     od = cv2.GaussianBlur(_optical_density(field), (0, 0), max(1.0, scale / 300))
-    nucleus = (od[..., 1] - od[..., 2] > NUCLEUS_OD).astype(np.uint8)
+    stain = od[..., 1] - od[..., 2]
+    nucleus = (stain > nucleus_threshold(stain)).astype(np.uint8)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, _disc(scale / 200))
     total = od.sum(axis=2)
     body = _filled(((total > _stained(total[nucleus == 0])) | (nucleus > 0)).astype(np.uint8))
     body = cv2.morphologyEx(body, cv2.MORPH_OPEN, _disc(scale / 100))
-    distance = cv2.distanceTransform(body, cv2.DIST_L2, 5)
+    # beyond the field's edge counts as background, so a cell cut by the edge gets its centre inside the field
+    distance = cv2.distanceTransform(np.pad(body, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
 
     # Each piece of nucleus proposes the largest disc of stained cell around it. The lobes of one
     # cell propose overlapping discs (all reach the cell's middle); two cells touching each other, or
-    # a leukocyte and a red cell, only touch at their rims, which the shrunken discs do not. Pieces
-    # cut by the field's edge are left out: half a cell cannot be classified.
+    # a leukocyte and a red cell, only touch at their rims, which the shrunken discs do not.
     count, pieces, stats, _ = cv2.connectedComponentsWithStats(nucleus)
     left, top, width, height, area = stats.T
-    cut = (left == 0) | (top == 0) | (left + width == field.shape[1]) | (top + height == field.shape[0])
+    at_edge = (left == 0) | (top == 0) | (left + width == field.shape[1]) | (top + height == field.shape[0])
     min_area = math.pi * (MIN_NUCLEUS * scale) ** 2
     discs = np.zeros_like(nucleus)
     seeds = []
-    proposing = (area >= min_area / 10) & ~cut
+    proposing = area >= min_area / 10
     proposing[0] = False  # the background
     for label in np.flatnonzero(proposing):
         x, y, radius = _inscribed(distance, pieces == label)
@@ -136,10 +142,23 @@ def find_cells(field: np.ndarray) -> list[Cell]:
     cells = []
     for group in np.unique(cell_of_piece[cell_of_piece > 0]):
         members = cell_of_piece[pieces] == group
-        if members.sum() >= min_area:
+        if members.sum() >= min_area:  # a cell cut by the edge too: as much nucleus as a whole small one shows
             x, y, radius = _inscribed(distance, members)
-            cells.append(Cell(float(x), float(y), float(radius)))
+            cells.append(Cell(float(x), float(y), float(radius), bool(at_edge[cell_of_piece == group].any())))
     return cells
+
+
+def nucleus_threshold(stain: np.ndarray) -> float:
+    """Nuclear stain (``OD_green - OD_blue``) above which a pixel is nucleus, set by the image's own stain.
+
+    Half the image's nucleus level (its 99.9th percentile: the darkest nuclei, wherever a leukocyte
+    fills 0.1 % of the image), as a full width at half maximum: PBC's nuclei reach ~2.0, BCCD's only
+    ~0.6-1.1, and a fixed cut either splits pale nuclei or swallows dark cytoplasm. Never below
+    NUCLEUS_FLOOR, which red cells stay under (in BCCD fields, 99 % of the pixels outside leukocyte and
+    platelet boxes are below 0.15-0.35), so an image without a nucleus does not get one from its red cells.
+    """
+    level = float(np.percentile(stain, 99.9)) if stain.size else 0.0
+    return max(NUCLEUS_FLOOR, NUCLEUS_SHARE * level)
 
 
 def _inscribed(distance: np.ndarray, mask: np.ndarray) -> tuple[int, int, float]:
@@ -163,6 +182,35 @@ def main_cell(field: np.ndarray, cells: Sequence[Cell]) -> Cell | None:
     h, w = field.shape[:2]
     big = [c for c in cells if c.radius >= 0.5 * max(c.radius for c in cells)]
     return min(big, key=lambda c: math.hypot(c.x - w / 2, c.y - h / 2))
+
+
+# A single-cell crop, as opposed to a field (see single_cell), measured with find_cells on pbc-2500, bccd-crops,
+# cellavision-100 and bccd-fields (experiments/new_lab): the most central large cell lies within 0.15 (PBC), 0.32
+# (BCCD crops) and 0.20 (cellavision) of the shorter side of the centre, and its diameter spans at least 0.21,
+# 0.33 and 0.19 of that side (1st percentile); in BCCD's whole fields the nearest cell lies 0.29 away (median).
+CROP_OFFSET = 0.33  # the main cell's centre within this share of the shorter side of the image's centre
+CROP_MIN_DIAMETER = 0.18  # ... and its diameter at least this share of the shorter side
+NEIGHBOUR = 1.5  # another whole cell farther than this many radii (both cells') apart makes the image a field
+
+
+def single_cell(image: np.ndarray, cells: Sequence[Cell]) -> Cell | None:
+    """The cell a single-cell crop shows, or None when ``image`` is a field (or shows no cell).
+
+    A crop is framed on one cell: its main cell (``main_cell``) lies near the centre and is large, and any
+    other cell is either cut by the crop's edge or next to the main one (a neighbour caught in the frame, or
+    lobes of the main cell the finder split). A field holds cells anywhere: a second whole cell well apart
+    from the first makes it one, and so does a small or off-centre first.
+    """
+    main = main_cell(image, cells)
+    if main is None:
+        return None
+    h, w = image.shape[:2]
+    side = min(h, w)
+    if math.hypot(main.x - w / 2, main.y - h / 2) > CROP_OFFSET * side or 2 * main.radius < CROP_MIN_DIAMETER * side:
+        return None
+    apart = [c for c in cells if c is not main and not c.cut and c.radius >= 0.6 * main.radius
+             and math.hypot(c.x - main.x, c.y - main.y) > NEIGHBOUR * (c.radius + main.radius)]
+    return None if apart else main
 
 
 def cell_fraction(images: Iterable[np.ndarray]) -> float:
