@@ -11,12 +11,16 @@ import pytest
 
 from leukonet.classes import CLASSES
 from leukonet.data.cells import (
+    FIELD_CROP,
     TRAINING_FRACTION,
     Cell,
+    _optical_density,
     crop_cell,
     find_cells,
     main_cell,
     prepare_fields,
+    red_cell_width,
+    size_unit,
     synthetic_field,
 )
 from leukonet.data.folder import load_rgb
@@ -61,6 +65,42 @@ def test_finds_synthetic_leukocytes() -> None:
     assert recall >= 0.9
     assert false_positives <= 0.1
     assert np.mean(relative) < 0.25
+
+
+@pytest.mark.parametrize("size", [(360, 480), (480, 640), (300, 300)])
+def test_red_cell_ruler(size: tuple[int, int]) -> None:
+    """The red cells' width is about their drawn diameter, and halves with the image."""
+    field, _ = synthetic_field(np.random.default_rng(list(size)), size, n_cells=1)
+    drawn = 2 * 0.1125 * FIELD_CROP * min(size)  # synthetic red cells: radius 0.10-0.125 of a crop's side
+    width = red_cell_width(_optical_density(field))
+    assert width is not None and 0.8 * drawn < width < 1.05 * drawn
+    half = cv2.resize(field, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    assert red_cell_width(_optical_density(half)) == pytest.approx(width / 2, rel=0.1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ruler_falls_back_to_the_shorter_side(seed: int) -> None:
+    """With no whole red cell to measure (a tight crop), sizes are relative to the shorter side."""
+    field, (cell,) = synthetic_field(np.random.default_rng([8, seed]), (360, 480), n_cells=1)
+    crop = crop_cell(field, cell, fraction=0.7, out_size=200)  # the leukocyte and the red cells it cuts
+    assert red_cell_width(_optical_density(crop)) is None
+    assert size_unit(_optical_density(crop)) == 200
+    assert size_unit(_optical_density(np.full((100, 120, 3), 255, np.uint8))) == 100
+
+
+def test_finds_leukocytes_at_half_the_magnification() -> None:
+    """Four fields in a 2x2 mosaic shrunk to one field's size: cells half as large, all still found."""
+    size = (360, 480)
+    fields = [synthetic_field(np.random.default_rng([7, i]), size, n_cells=3) for i in range(4)]
+    mosaic = np.vstack([np.hstack([fields[0][0], fields[1][0]]), np.hstack([fields[2][0], fields[3][0]])])
+    mosaic = cv2.resize(mosaic, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    truth = [Cell((c.x + size[1] * (i % 2) + 0.5) / 2 - 0.5, (c.y + size[0] * (i // 2) + 0.5) / 2 - 0.5, c.radius / 2)
+             for i, (_, cells) in enumerate(fields) for c in cells]
+    found = find_cells(mosaic)
+    pairs = _match(truth, found)
+    assert len(pairs) >= 0.9 * len(truth)
+    assert len(found) - len(pairs) <= 1
+    assert np.mean([abs(f.radius / t.radius - 1) for t, f in pairs]) < 0.15
 
 
 def test_crop_centres_the_cell_at_the_training_fraction() -> None:

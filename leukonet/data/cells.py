@@ -23,10 +23,14 @@ nucleus: a red cell touching the leukocyte widens the stained region but hardly 
 irregular cell (a monocyte with pseudopods) the disc is smaller than the cell; the training
 fraction is measured with the same disc, so the two agree.
 
-Sizes are relative to the field's shorter side, which suits fields and crops at the usual 100x
-oil magnification (a field some 5-10 red cells high); far smaller or far larger magnifications
-are outside what the thresholds were set on. Scaling every cell to the same fraction of its crop
-also removes what absolute size says about the class (a small lymphocyte, a large monocyte).
+Sizes (blur, openings, the smallest nucleus) are relative to a unit measured with the red cells as
+a ruler: a red cell is ~7.5 µm in every smear, so the unit follows the image's magnification and
+camera (``size_unit``: RED_CELL_UNIT typical red-cell widths, which at the usual 100x oil
+magnification is about the field's shorter side, what the thresholds were set on). A field showing
+2-3x more area, its cells 2-3x smaller in pixels, is searched at their size. An image with too few
+whole red cells to measure (a tight crop round the leukocyte) falls back to its shorter side. Scaling
+every cell to the same fraction of its crop also removes what absolute size says about the class (a
+small lymphocyte, a large monocyte).
 """
 
 from __future__ import annotations
@@ -46,17 +50,25 @@ from leukonet.data.folder import load_rgb, scan_folder
 from leukonet.errors import DataError
 
 # Median share of the crop width spanned by the cell's diameter (2 * Cell.radius as find_cells measures
-# it) in the PBC training crops: the cell spans about 36 % of the crop (5-95 %: 0.25-0.45). Measured
-# once with cell_fraction on all 2,500 readable images of ../shared/data/pbc-2500 (a cell was found in
-# every one), from the repository root:
+# it) in the PBC training crops: the cell spans about 35 % of the crop (5-95 %: 0.25-0.45). Measured with
+# cell_fraction on all 2,500 readable images of ../shared/data/pbc-2500 (a cell was found in every one; 0.35556
+# before the per-image nucleus threshold and the red-cell ruler), from the repository root:
 #   .venv/bin/python -c "from leukonet.data.cells import cell_fraction; from leukonet.data.folder import
 #   load_rgb, scan_folder; root = '../shared/data/pbc-2500'; print(cell_fraction(load_rgb(f'{root}/{e.path}')
-#   for e in scan_folder(root).entries if not e.path.rsplit('/', 1)[-1].startswith('.')))"  # -> 0.35556
-TRAINING_FRACTION = 0.356
+#   for e in scan_folder(root).entries if not e.path.rsplit('/', 1)[-1].startswith('.')))"  # -> 0.34617
+TRAINING_FRACTION = 0.346
 
 NUCLEUS_SHARE = 0.35  # a pixel is nucleus above this share of the image's nucleus level (see nucleus_threshold)
 NUCLEUS_FLOOR = 0.3  # ... and never below this OD_green - OD_blue, which red cells stay under
-MIN_NUCLEUS = 0.06  # a nucleus smaller than a disc of this radius (share of the shorter side) is a platelet or debris
+MIN_NUCLEUS = 0.06  # a nucleus smaller than a disc of this radius (share of the size unit) is a platelet or debris
+
+# The size unit in red-cell widths (red_cell_width), set so that at the usual magnification it is the shorter side
+# the sizes were first set on: that side spans 5.5 red-cell widths in BCCD's fields (median of 364, 5-95 %: 4.8-6.2)
+# and 5.2 in PBC's crops (every 5th: 500, 4.6-6.2).
+RED_CELL_UNIT = 5.4
+PEAK_WINDOW = 15  # px: one distance-transform peak per red cell (they are ~30 px wide even in 3x3 BCCD mosaics)
+MIN_RED_CELL = 1 / 30  # narrower than this share of the shorter side: a platelet or speck (1/16 in 3x3 BCCD mosaics)
+MIN_RED_CELLS = 3  # with fewer whole red cells (at least half as wide as the typical one), the unit is the shorter side
 
 
 @dataclass
@@ -109,8 +121,9 @@ def find_cells(field: np.ndarray) -> list[Cell]:
     """The leukocytes in an RGB uint8 field, in no particular order; those cut by the field's edge have ``cut``."""
     if field.ndim != 3 or field.shape[2] != 3 or field.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {field.dtype} {field.shape}")
-    scale = min(field.shape[:2])
-    od = cv2.GaussianBlur(_optical_density(field), (0, 0), max(1.0, scale / 300))
+    od = _optical_density(field)
+    scale = size_unit(od)
+    od = cv2.GaussianBlur(od, (0, 0), max(1.0, scale / 300))
     stain = od[..., 1] - od[..., 2]
     nucleus = (stain > nucleus_threshold(stain)).astype(np.uint8)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, _disc(scale / 200))
@@ -146,6 +159,54 @@ def find_cells(field: np.ndarray) -> list[Cell]:
             x, y, radius = _inscribed(distance, members)
             cells.append(Cell(float(x), float(y), float(radius), bool(at_edge[cell_of_piece == group].any())))
     return cells
+
+
+def size_unit(od: np.ndarray) -> float:
+    """The length, in pixels, to which find_cells' sizes are relative: RED_CELL_UNIT red-cell widths.
+
+    Red cells measure ~7.5 µm in every smear, so they tell the image's scale whatever its magnification
+    and camera, down to about 5x less magnification than the usual (see MIN_RED_CELL). Where the image
+    holds fewer than MIN_RED_CELLS whole red cells (a tight crop, a blank image), its shorter side
+    stands in, which is about the unit at the usual magnification.
+    """
+    side = float(min(od.shape[:2]))
+    width = red_cell_width(od)
+    return side if width is None else RED_CELL_UNIT * width
+
+
+def red_cell_width(od: np.ndarray) -> float | None:
+    """Typical width in pixels of the red cells in an optical-density image, or None when it holds too few.
+
+    The distance transform of the stained region (leukocyte nuclei cut out, the image's edge counted as
+    background) peaks in the middle of each red cell at its radius, also where red cells touch or
+    overlap in clumps: the width is that of the largest disc inside a cell (in BCCD's crowded fields
+    0.8 of the diameter its boxes give, in synthetic fields 0.95). Peaks whose disc reaches a nucleus
+    (leukocyte cytoplasm) or the edge (a cut red cell), and peaks narrower than MIN_RED_CELL of the
+    shorter side (platelets, specks), are left out; of the rest, the median weighted by the disc's area
+    is little moved by ragged edges or by a stray large blob (a clump, unevenly lit background).
+    """
+    od = cv2.GaussianBlur(od, (0, 0), 1.0)
+    stain = od[..., 1] - od[..., 2]
+    nucleus = (stain > nucleus_threshold(stain)).astype(np.uint8)
+    nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, _disc(2)) > 0  # not the coloured rims of some red cells
+    total = od[..., 0] + od[..., 1] + od[..., 2]
+    stained = _filled((total > _stained(total[~nucleus])).astype(np.uint8))
+    stained[nucleus] = 0
+    distance = cv2.distanceTransform(np.pad(stained, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]  # a cut red cell is not wider
+    to_edge = cv2.distanceTransform(np.pad(np.ones_like(stained), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    to_nucleus = cv2.distanceTransform((~nucleus).astype(np.uint8), cv2.DIST_L2, 5) if nucleus.any() else math.inf
+    peak = distance >= cv2.dilate(distance, np.ones((PEAK_WINDOW, PEAK_WINDOW), np.uint8))
+    peak &= distance >= MIN_RED_CELL * min(stained.shape) / 2
+    peak &= (to_nucleus > 1.5 * distance) & (distance < to_edge)  # not a leukocyte's cytoplasm, not a cut red cell
+    count, peaks = cv2.connectedComponents(peak.astype(np.uint8))
+    radii = np.zeros(count, np.float32)
+    np.maximum.at(radii, peaks[peak], distance[peak])
+    radii = np.sort(radii[1:])
+    if radii.size == 0:
+        return None
+    weight = np.cumsum(radii**2)
+    width = 2 * float(radii[np.searchsorted(weight, weight[-1] / 2)])
+    return width if np.count_nonzero(radii >= width / 4) >= MIN_RED_CELLS else None
 
 
 def nucleus_threshold(stain: np.ndarray) -> float:
