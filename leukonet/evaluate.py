@@ -21,6 +21,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from leukonet import ood
+from leukonet.cell_kind import CellKind
+from leukonet.data.folder import load_rgb
 from leukonet.errors import DataError, exit_on_user_error
 from leukonet.explain import explainer
 from leukonet.model import CellClassifier
@@ -96,12 +99,18 @@ def _evaluate_one(cfg: DictConfig, model: CellClassifier, ckpt: Path, tta: str, 
         probs = average(logits).numpy()
         calibration["probs"] = average(logits, temperature).numpy()
     what = "all images" if split == "all" else f"{split} split"
+    paths = [str(datamodule.path_of(e)) for e in entries]
+    check = {}
+    if cfg.get("kind_check", True) and not datamodule.is_synthetic:  # how many of these labelled leukocytes
+        # predict would leave out of the count (the check knows real cells only: drawings are not checked)
+        verdicts = ood.check_crops([load_rgb(p) for p in paths], CellKind())
+        check = {"not_a_leukocyte": ood.summary(verdicts)}
     return write_report(
         out,
         title=f"leukonet: {domain + ': ' if domain else ''}{datamodule.name} {what}, {model.hparams.backbone}" + ("" if tta == "none" else f", tta={tta}"),
         y_true=[e.label for e in entries],
         probs=probs,
-        paths=[str(datamodule.path_of(e)) for e in entries],
+        paths=paths,
         class_names=model.hparams.class_names,
         extra={
             "dataset": datamodule.name,
@@ -116,6 +125,7 @@ def _evaluate_one(cfg: DictConfig, model: CellClassifier, ckpt: Path, tta: str, 
             "machine": machine(),
             "wall_s": round(time.perf_counter() - started, 1),
             "data_summary": datamodule.summary(),
+            **check,
         },
         explain=explainer(model),
         # the checkpoint's temperature and review threshold (fitted on its validation split; T = 1 and none

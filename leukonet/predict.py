@@ -26,6 +26,7 @@ from rich.table import Table
 from scipy.stats import beta
 
 from leukonet import ood
+from leukonet.cell_kind import LAB_MIN_CELLS, PROFILE_KEY, CellKind
 from leukonet.data.cells import TRAINING_FRACTION, crop_cell, find_cells, single_cell
 from leukonet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from leukonet.data.transforms import eval_transform
@@ -148,28 +149,70 @@ class Predictor:
             return tta_probabilities(self.model, x, self.tta).numpy()
 
 
-def assess(predictor, cells: list[Cell]) -> tuple[np.ndarray, list[dict]]:
-    """Probabilities of ``cells`` and, per cell, ``{"ood_score", "not_a_leukocyte", "ood_reason"}`` (``leukonet.ood``):
-    flagged when the cell finder sees no nucleus or, with a checkpoint that holds feature statistics, when the
-    features are far from every class's training cells. ``ood_score`` is None where the model part is skipped
-    (old checkpoints, ONNX models)."""
+def assess(predictor, cells: list[Cell], kind_features: np.ndarray | None = None,
+           lab: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Probabilities of ``cells`` and, per cell, ``{"ood_score", "not_a_leukocyte", "ood_reason", "unfamiliar"}``
+    (``leukonet.ood``): flagged when the cell finder sees no nucleus or the cell-kind check
+    (``predictor.cell_kind``, ``leukonet.cell_kind``; skipped when None) sees something other than a leukocyte
+    of the five classes, with the lab's profile ``lab`` (default: the one stored in the checkpoint by
+    ``leukonet.adapt``, if any). ``unfamiliar``: the classifier's features are far from its training cells
+    (another lab: a reason to adapt, not to leave the cell out); ``ood_score`` is None where that part is
+    skipped (old checkpoints, ONNX models)."""
     images = [c.pixels for c in cells]
     if hasattr(predictor, "classify"):
         probs, scores = predictor.classify(images)
     else:
         probs, scores = predictor.probabilities(images), None
+    nuclei = [cell.nucleus if cell.nucleus is not None else ood.has_leukocyte(cell.pixels) for cell in cells]
+    kinds, check = [None] * len(cells), getattr(predictor, "cell_kind", None)  # set by load_predictor
+    if check is not None:
+        feats = check.features(images) if kind_features is None else kind_features
+        kinds = check.kinds(feats, getattr(predictor, "lab_profile", None) if lab is None else lab)
     out = []
-    for i, cell in enumerate(cells):
-        nucleus = cell.nucleus if cell.nucleus is not None else ood.has_leukocyte(cell.pixels)
+    for i, (nucleus, kind) in enumerate(zip(nuclei, kinds)):
         s = None if scores is None else round(float(scores[i]), 4)
-        flagged, reason = ood.verdict(nucleus, s)
-        out.append({"ood_score": s, "not_a_leukocyte": flagged, "ood_reason": reason})
+        flagged, reason = ood.verdict(nucleus, s, kind)
+        out.append({"ood_score": s, "not_a_leukocyte": flagged, "ood_reason": reason, "unfamiliar": ood.unfamiliar(s),
+                    "nucleus": nucleus})
     return probs, out
 
 
-def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str = "32-true", tta: str = "none"):
+def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str = "32-true", tta: str = "none",
+                   kind_check: bool | str = "auto"):
     """``Predictor`` for a checkpoint (``runtime=torch``), ``leukonet.onnx_runtime.OnnxPredictor`` for a model
-    exported with ``python -m leukonet.export`` (``runtime=onnx``, ONNX Runtime on the CPU, fp32)."""
+    exported with ``python -m leukonet.export`` (``runtime=onnx``, ONNX Runtime on the CPU, fp32); with
+    ``kind_check`` the cell-kind check (``leukonet.cell_kind``) rides along as ``predictor.cell_kind`` (``auto``:
+    unless the checkpoint's run was trained on synthetic drawings, which that check, knowing real cells only,
+    takes for anything but leukocytes)."""
+    predictor = _load_predictor(ckpt_path, runtime, precision, tta)
+    if str(kind_check).lower() not in ("auto", "true", "false"):
+        raise DataError(f"kind_check must be auto, true or false, got {kind_check!r}")
+    use = trained_on_real_cells(ckpt_path) if str(kind_check).lower() == "auto" else str(kind_check).lower() == "true"
+    predictor.cell_kind = CellKind() if use else None
+    predictor.lab_profile = lab_profile(ckpt_path) if runtime == "torch" else None
+    return predictor
+
+
+def trained_on_real_cells(ckpt_path: str | Path) -> bool:
+    """False when the run the checkpoint sits in (``RUN/checkpoints/*.ckpt``, ``RUN/model.onnx``) says in its
+    ``data_summary.json`` that it trained on synthetic cells; True otherwise (a checkpoint on its own included)."""
+    for run in (Path(ckpt_path).parent, Path(ckpt_path).parent.parent):
+        summary = run / "data_summary.json"
+        if summary.is_file():
+            try:
+                return not json.loads(summary.read_text()).get("synthetic", False)
+            except (ValueError, AttributeError):
+                return True
+    return True
+
+
+def lab_profile(ckpt_path: str | Path) -> np.ndarray | None:
+    """The lab profile ``leukonet.adapt`` stored in a checkpoint (``cell_kind.PROFILE_KEY``), or None."""
+    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True).get(PROFILE_KEY)
+    return None if stored is None else stored.double().numpy()
+
+
+def _load_predictor(ckpt_path: str | Path, runtime: str, precision: str, tta: str):
     runtime, is_onnx = str(runtime).lower(), str(ckpt_path).lower().endswith(".onnx")
     if runtime == "onnx":
         if not is_onnx:
@@ -244,32 +287,38 @@ def predict(cfg: DictConfig) -> dict:
     runtime = str(cfg.get("runtime", "torch")).lower()
     if runtime == "onnx" and cfg.get("explain", False):
         raise DataError("explain=true needs runtime=torch: Grad-CAM takes gradients of the PyTorch model")
-    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision, cfg.get("tta", "none"))
+    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision, cfg.get("tta", "none"), cfg.get("kind_check", True))
     threshold, threshold_from = _review_threshold(cfg.get("review_threshold"), predictor)
     names = predictor.class_names
     files = input_files(cfg.input)
     unreadable: list[dict] = []
     rows = []
     explain, used = bool(cfg.get("explain", False)), set()
+    assessed = []  # per batch: cells, probabilities, checks, cell-kind features
     for batch in _batches(files, str(cfg.fields).lower(), cfg.batch_size, unreadable, cfg.progress):
-        probs, checks = assess(predictor, batch)
+        feats = predictor.cell_kind.features([c.pixels for c in batch]) if predictor.cell_kind is not None else None
+        probs, checks = assess(predictor, batch, feats)
         heat = (_save_heatmaps(predictor.model, batch, probs.argmax(1).tolist(), csv_path.parent / "heatmaps", used)
                 if explain else [None] * len(batch))
-        for cell, p, heat_png, check in zip(batch, probs, heat, checks):
+        where = [(c.file, c.index, c.x, c.y) for c in batch]  # not the pixels: a run can hold thousands of cells
+        assessed.append((where, probs, checks, feats, heat))
+    profile_from = _lab_profile_of_run(predictor, assessed)
+    for where, probs, checks, _, heat in assessed:
+        for (file, index, x, y), p, heat_png, check in zip(where, probs, heat, checks):
             k, flagged = int(p.argmax()), check["not_a_leukocyte"]
             # a flagged input gets no class and is not counted; needs_review is for the leukocytes
-            rows.append({"file": cell.file, "cell": "" if cell.index is None else cell.index,
-                         "x": "" if cell.x is None else cell.x, "y": "" if cell.y is None else cell.y,
+            rows.append({"file": file, "cell": "" if index is None else index,
+                         "x": "" if x is None else x, "y": "" if y is None else y,
                          "predicted": "" if flagged else names[k], **{f"p_{n}": round(float(q), 6) for n, q in zip(names, p)},
                          "confidence": round(float(p[k]), 6), "needs_review": bool(not flagged and p[k] < threshold),
                          "not_a_leukocyte": flagged, "ood_score": "" if check["ood_score"] is None else check["ood_score"],
-                         "ood_reason": check["ood_reason"]})
+                         "ood_reason": check["ood_reason"], "unfamiliar": check["unfamiliar"]})
             if explain:
                 rows[-1]["heatmap"] = heat_png
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "cell", "x", "y", "predicted", *(f"p_{n}" for n in names),
-                                               "confidence", "needs_review", "not_a_leukocyte", "ood_score", "ood_reason"]
+                                               "confidence", "needs_review", "not_a_leukocyte", "ood_score", "ood_reason", "unfamiliar"]
                                 + (["heatmap"] if explain else []))
         writer.writeheader()
         writer.writerows(rows)
@@ -278,13 +327,33 @@ def predict(cfg: DictConfig) -> dict:
                "tta": getattr(predictor, "tta", "none"), "files": len(files), "cells": len(rows),
                "needs_review": sum(r["needs_review"] for r in rows), "review_threshold": threshold,
                "not_a_leukocyte": sum(r["not_a_leukocyte"] for r in rows),
-               "ood_check": "cell finder and features" if getattr(predictor, "ood", None) is not None else
-                            "cell finder only (no feature statistics in the model)",
+               "unfamiliar": sum(r["unfamiliar"] and not r["not_a_leukocyte"] for r in rows),
+               "ood_check": "cell finder" + (" and cell-kind check" if predictor.cell_kind is not None else "")
+                            + ("; feature distance (unfamiliar)" if getattr(predictor, "ood", None) is not None else ""),
                "review_threshold_from": threshold_from, "temperature": predictor.temperature,
+               "lab_profile": profile_from,
                "differential": count, "unreadable": unreadable, "predictions": str(csv_path)}
     (csv_path.parent / "differential.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print(summary)
     return summary
+
+
+def _lab_profile_of_run(predictor, assessed: list) -> str:
+    """Re-check the cells' kinds against this run's own lab profile (the median cell-kind features of the cells
+    with a nucleus) when it has at least ``LAB_MIN_CELLS`` of them: a run is one lab's slides, and its own
+    profile is closer than any stored one. Updates the checks in place; returns where the profile came from."""
+    if predictor.cell_kind is None:
+        return "none (kind_check=false)"
+    feats = [f[i] for _, _, checks, f, _ in assessed for i, c in enumerate(checks) if c["nucleus"]]
+    if len(feats) < LAB_MIN_CELLS:
+        return ("checkpoint (leukonet.adapt)" if predictor.lab_profile is not None else "none") + \
+            f" (fewer than {LAB_MIN_CELLS} cells with a nucleus in this run)"
+    lab = predictor.cell_kind.profile(np.stack(feats))
+    for _, _, checks, f, _ in assessed:
+        kinds = predictor.cell_kind.kinds(f, lab)
+        for check, kind in zip(checks, kinds):
+            check["not_a_leukocyte"], check["ood_reason"] = ood.verdict(check["nucleus"], check["ood_score"], kind)
+    return f"this run's {len(feats)} cells with a nucleus"
 
 
 def _print(summary: dict) -> None:
@@ -303,6 +372,9 @@ def _print(summary: dict) -> None:
                   f"({summary['review_threshold_from']}); temperature {summary['temperature']:.4g}")
     console.print(f"not_a_leukocyte: {summary['not_a_leukocyte']} of {summary['cells']} inputs "
                   f"({summary['ood_check']})")
+    if summary["unfamiliar"]:
+        console.print(f"[yellow]unfamiliar[/yellow]: {summary['unfamiliar']} counted cells look unlike the training lab's "
+                      "(another stain or camera): label a few dozen and adapt (python -m leukonet.adapt)")
     for u in summary["unreadable"]:
         console.print(f"[yellow]skipped[/yellow] {u['reason']}")
     console.print(f"per-cell predictions: {summary['predictions']}")

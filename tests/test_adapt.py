@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from leukonet.adapt import batchnorm, label_shift
 from leukonet.adapt.head import pseudo_labels
 from leukonet.adapt.run import adapt as run_adapt
 from leukonet.adapt.suggest import rank
+from leukonet.cell_kind import PROFILE_KEY
 from leukonet.classes import CLASSES
 from leukonet.errors import DataError
 from leukonet.model import CellClassifier
@@ -162,6 +164,7 @@ def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Pa
     adapted = torch.load(out / "adapted.ckpt", weights_only=True)
     original = torch.load(ckpt, weights_only=True)
     assert adapted["adaptation"]["checkpoint"] == str(ckpt) and "ood" in adapted
+    assert adapted[PROFILE_KEY].shape == (1280,) and report["cell_kind_profile_cells"] == 40  # the lab's profile
     changed = [k for k in original["state_dict"] if not torch.equal(original["state_dict"][k], adapted["state_dict"][k])]
     assert any("running_mean" in k for k in changed) and any(k.startswith("head.") for k in changed)
 
@@ -173,6 +176,15 @@ def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Pa
                            f"hydra.run.dir={tmp_path / 'predict'}")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert json.loads((tmp_path / "predict" / "differential.json").read_text())["cells"] == 40
+    few = tmp_path / "few"  # too few cells for a run's own lab profile: the adapted checkpoint's is used
+    few.mkdir()
+    for p in sorted(lab.iterdir())[:5]:
+        shutil.copy(p, few / p.name)
+    checked = run_module("leukonet.predict", f"ckpt_path={out / 'adapted.ckpt'}", f"input={few}", "kind_check=true",
+                         f"hydra.run.dir={tmp_path / 'predict_few'}")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    summary = json.loads((tmp_path / "predict_few" / "differential.json").read_text())
+    assert summary["lab_profile"].startswith("checkpoint (leukonet.adapt)") and "cell-kind check" in summary["ood_check"]
 
     again = adapt(ckpt, out, f"target.root={lab}")
     assert again.returncode == 2 and "never writes over" in again.stderr

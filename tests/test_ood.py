@@ -17,6 +17,7 @@ from skimage import data as skdata
 
 from conftest import run_module
 from leukonet import ood
+from leukonet.cell_kind import CellKind
 from leukonet.classes import CLASSES
 from leukonet.data import synthetic as syn
 from leukonet.data.cells import _red_cell_tile
@@ -92,33 +93,36 @@ def test_stats_are_stored_as_tensors_and_flag_what_is_not_a_leukocyte(trained_ru
     best = torch.load(trained_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert torch.equal(best["ood"]["threshold"], stats["threshold"])
 
+    checked = Predictor(trained_run / "checkpoints" / "last.ckpt")
+    checked.cell_kind = CellKind()  # what load_predictor adds for a checkpoint trained on real cells
     rng = np.random.default_rng(1)
-    cases = {
-        "synthetic leukocytes (48 px)": [syn.render_cell(c, rng, 48) for c in CLASSES for _ in range(10)],
-        "red cells only (128 px)": [red_cells_only(rng) for _ in range(10)],
-        "blank slides (128 px)": [blank_slide(rng) for _ in range(10)],
-        "platelet clumps (128 px)": [platelet_clump(rng) for _ in range(20)],
-        "photos (48 px)": photos(48),
-        "photos (360 px)": photos(360),
+    cases = {  # (images, predictor): synthetic drawings are not real cells to the cell-kind check, so without it
+        "synthetic leukocytes (48 px)": ([syn.render_cell(c, rng, 48) for c in CLASSES for _ in range(10)], predictor),
+        "red cells only (128 px)": ([red_cells_only(rng) for _ in range(10)], predictor),
+        "blank slides (128 px)": ([blank_slide(rng) for _ in range(10)], predictor),
+        "platelet clumps (128 px)": ([platelet_clump(rng) for _ in range(20)], predictor),
+        "platelet clumps, kind check (128 px)": ([platelet_clump(rng) for _ in range(20)], checked),
+        "photos, kind check (48 px)": (photos(48), checked),
+        "photos, kind check (360 px)": (photos(360), checked),
     }
     rates = {}
     print()
-    for name, images in cases.items():
-        flags, no_nucleus, scores = _flagged(predictor, images)
+    for name, (images, p) in cases.items():
+        flags, no_nucleus, scores = _flagged(p, images)
         rates[name] = flags.mean()
         print(f"{name}: {flags.mean():.0%} flagged of {len(flags)} (no nucleus {no_nucleus.mean():.0%}, "
-              f"ood_score > 1 {np.mean(scores > 1):.0%}, median ood_score {np.median(scores):.2f})")
-    assert rates["synthetic leukocytes (48 px)"] <= 0.2  # a random tiny model: about 5-10 % measured
+              f"unfamiliar (ood_score > 1) {np.mean(scores > 1):.0%}, median ood_score {np.median(scores):.2f})")
+    assert rates["synthetic leukocytes (48 px)"] == 0  # unfamiliar features no longer flag: a nucleus is found in all
     assert rates["red cells only (128 px)"] == rates["blank slides (128 px)"] == 1
-    assert rates["platelet clumps (128 px)"] >= 0.8
-    assert rates["photos (48 px)"] == rates["photos (360 px)"] == 1
+    assert rates["platelet clumps (128 px)"] >= 0.8 and rates["platelet clumps, kind check (128 px)"] == 1
+    assert rates["photos, kind check (48 px)"] == rates["photos, kind check (360 px)"] == 1
 
 
 def test_old_checkpoints_keep_the_classical_check(trained_run: Path, tmp_path: Path) -> None:
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     del ckpt["ood"]
     torch.save(ckpt, tmp_path / "old.ckpt")
-    with pytest.warns(UserWarning, match="model-based not-a-leukocyte check is skipped"):
+    with pytest.warns(UserWarning, match="ood_score and .unfamiliar. are left empty"):
         old = Predictor(tmp_path / "old.ckpt")
     rng = np.random.default_rng(2)
     flags, _, scores = _flagged(old, [blank_slide(rng), red_cells_only(rng), syn.render_cell("neutrophil", rng, 48)])
@@ -146,6 +150,7 @@ def test_predict_leaves_flagged_inputs_out_of_the_count(trained_run: Path, cells
     summary = json.loads((out / "differential.json").read_text())
     assert summary["cells"] == 23 and summary["not_a_leukocyte"] == flagged >= 3
     assert sum(d["cells"] for d in summary["differential"]) == 23 - flagged  # flagged inputs are not counted
-    assert flagged - 3 <= 4  # at most 4 of the 20 synthetic neutrophils flagged by the tiny model's features
+    assert flagged == 3  # unfamiliar features do not flag; a run trained on drawings gets no cell-kind check
+    assert summary["ood_check"].startswith("cell finder;") and summary["lab_profile"].startswith("none (kind_check")
     printed = " ".join(proc.stdout.split())  # rich wraps the title
     assert f"Differential count: {23 - flagged} cells" in printed and f"{flagged} inputs not leukocytes" in printed

@@ -59,6 +59,18 @@ def test_predict_a_folder_of_crops_and_fields(trained_run: Path, cells: Path, tm
     assert again.returncode == 2 and "exists" in again.stderr  # never overwrites results
 
 
+def test_a_run_of_one_labs_cells_measures_its_own_lab_profile(trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_module("leukonet.predict", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"input={cells}",
+                      "kind_check=true", f"hydra.run.dir={out}", "progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "differential.json").read_text())
+    assert summary["cells"] == 100 and summary["lab_profile"] == "this run's 100 cells with a nucleus"
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert {r["unfamiliar"] for r in rows} <= {"True", "False"} and summary["unfamiliar"] == sum(
+        r["unfamiliar"] == "True" and r["not_a_leukocyte"] == "False" for r in rows)
+
+
 def test_predict_names_missing_inputs(trained_run: Path, tmp_path: Path) -> None:
     proc = run_module("leukonet.predict", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
                       f"input={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'out'}")

