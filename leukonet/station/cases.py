@@ -152,9 +152,10 @@ class Station:
                 upload = Upload(case_id=case_id, image_sha=digest, name=name, created_at=now())
                 s.add(upload)
                 for r in outcome:
-                    heat = self._image(s, r.heatmap_png, ".png") if r.heatmap_png else None
+                    heat = self._image(s, r.heatmap_jpeg, ".jpg") if r.heatmap_jpeg else None
+                    pixels = digest if r.image_png is None else self._image(s, r.image_png, ".png")
                     s.add(Cell(case_id=case_id, upload=upload, index=r.index, x=r.x, y=r.y,
-                               image_sha=self._image(s, r.image_png, ".png"), heatmap_sha=heat,
+                               image_sha=pixels, heatmap_sha=heat,
                                predicted=r.predicted, top_class=r.top_class, probabilities=r.probabilities,
                                confidence=r.confidence, needs_review=r.needs_review, not_a_leukocyte=r.not_a_leukocyte,
                                ood_score=r.ood_score, ood_reason=r.ood_reason, notes=r.notes,

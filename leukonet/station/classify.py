@@ -44,9 +44,19 @@ def safe_name(filename: str | None) -> str:
     return name or "unnamed"
 
 
+SHOWN_AS_IS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}  # browsers display these files themselves
+
+
 def png(pixels: np.ndarray) -> bytes:
+    """Lossless (the cell is training data), fast: zlib level 1 is 4x faster than the default, 20 % larger."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -56,13 +66,14 @@ def _finite(x: float | None) -> float | None:
 
 @dataclass
 class CellResult:
-    """One cell as the model saw it, with its pixels and heat map encoded as PNG."""
+    """One cell as the model saw it: its pixels as PNG (None: the uploaded file itself is the cell, a single-cell
+    image in a format browsers show), and its heat map as JPEG (for the eye only)."""
 
     index: int | None
     x: float | None
     y: float | None
-    image_png: bytes
-    heatmap_png: bytes | None
+    image_png: bytes | None
+    heatmap_jpeg: bytes | None
     predicted: str | None
     top_class: str
     probabilities: dict[str, float]
@@ -124,8 +135,9 @@ class Classifier:
             flagged = bool(check["not_a_leukocyte"])
             # as in predict: a flagged input gets no class and is not counted; needs_review is for the leukocytes
             out.append(CellResult(
-                index=cell.index, x=cell.x, y=cell.y, image_png=png(cell.pixels),
-                heatmap_png=None if heats is None else png(overlay(cell.pixels, heats[i])),
+                index=cell.index, x=cell.x, y=cell.y,
+                image_png=None if cell.index is None and PurePath(name).suffix.lower() in SHOWN_AS_IS else png(cell.pixels),
+                heatmap_jpeg=None if heats is None else jpeg(overlay(cell.pixels, heats[i])),
                 predicted=None if flagged else self.class_names[k], top_class=self.class_names[k],
                 probabilities={n: round(float(q), 6) for n, q in zip(self.class_names, p)},
                 confidence=round(float(p[k]), 6), needs_review=bool(not flagged and p[k] < self.review_threshold),

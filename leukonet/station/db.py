@@ -88,8 +88,8 @@ class Cell(Base):
     index: Mapped[int | None] = mapped_column(Integer)  # the cell's number within a field; None: a single-cell image
     x: Mapped[float | None] = mapped_column(Float)
     y: Mapped[float | None] = mapped_column(Float)
-    image_sha: Mapped[str] = mapped_column(ForeignKey("images.sha256"))  # the cell's pixels (PNG)
-    heatmap_sha: Mapped[str | None] = mapped_column(ForeignKey("images.sha256"))  # Grad-CAM overlay (PNG)
+    image_sha: Mapped[str] = mapped_column(ForeignKey("images.sha256"))  # the cell: its upload, or a PNG crop
+    heatmap_sha: Mapped[str | None] = mapped_column(ForeignKey("images.sha256"))  # Grad-CAM overlay (JPEG)
     predicted: Mapped[str | None] = mapped_column(String(50))  # None: flagged not a leukocyte
     top_class: Mapped[str] = mapped_column(String(50))
     probabilities: Mapped[dict] = mapped_column(JSON)

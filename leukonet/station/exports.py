@@ -11,7 +11,7 @@ from pathlib import PurePath
 
 from sqlalchemy import select
 
-from leukonet.station.db import NOT_A_LEUKOCYTE, Case, Cell, iso
+from leukonet.station.db import NOT_A_LEUKOCYTE, Case, Cell, Image, iso
 from leukonet.station.storage import ImageStore
 
 MANIFEST_COLUMNS = ("path", "label", "source")
@@ -42,14 +42,14 @@ def manifest_rows(sessions, store: ImageStore, case_id: int | None = None, unrev
     """One row per reviewed leukocyte (of one case, or of all); ``unreviewed``: every cell, the unreviewed ones
     with an empty label (the whole lab for adapt's ``target.manifest``, the labelled few for ``target.labels``)."""
     with sessions() as s:
-        query = select(Cell).order_by(Cell.case_id, Cell.id)
+        query = select(Cell, Image.suffix).join(Image, Image.sha256 == Cell.image_sha).order_by(Cell.case_id, Cell.id)
         if case_id is not None:
             query = query.where(Cell.case_id == case_id)
         rows = []
-        for c in s.scalars(query):
+        for c, suffix in s.execute(query):
             if c.review_label == NOT_A_LEUKOCYTE or (c.review_label is None and not unreviewed):
                 continue
-            rows.append({"path": str(store.path(c.image_sha, ".png")), "label": c.review_label or "",
+            rows.append({"path": str(store.path(c.image_sha, suffix)), "label": c.review_label or "",
                          "source": f"station case {c.case_id} cell {c.id}"})
     return rows
 
