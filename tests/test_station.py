@@ -123,12 +123,13 @@ def test_uploads_are_checked_kept_and_recognised(client: TestClient, cells: Path
     field, truth = synthetic_field(np.random.default_rng(0), (360, 480), 3, ["neutrophil", "lymphocyte", "eosinophil"])
     files = [("good.png", good), ("field.jpg", jpeg(field)), ("notes.jpg", b"just some text\n"), ("readme.txt", good),
              ("big.png", big), ("bomb.png", bomb.getvalue()), ("empty.png", b""),
-             ("blank.png", png(np.full((64, 64, 3), 235, np.uint8))), ("../../etc/evil.png", good)]
+             ("blank.png", png(np.full((64, 64, 3), 235, np.uint8))), ("../../etc/evil.png", good),
+             ("notes-again.jpg", b"just some text\n")]
     res = client.post(f"/api/cases/{case['id']}/files", files=[("files", f) for f in files])
     assert res.status_code == 200, res.text
     results = {r["file"]: r for r in res.json()["results"]}
     assert list(results) == ["good.png", "field.jpg", "notes.jpg", "readme.txt", "big.png", "bomb.png", "empty.png",
-                             "blank.png", "evil.png"]
+                             "blank.png", "evil.png", "notes-again.jpg"]
     (cell,) = results["good.png"]["cells"]
     assert cell["top_class"] in CLASSES and cell["confidence"] == max(cell["probabilities"].values())
     assert cell["checkpoint"] == "last.ckpt" and len(cell["checkpoint_sha256"]) == 64
@@ -136,6 +137,7 @@ def test_uploads_are_checked_kept_and_recognised(client: TestClient, cells: Path
     assert shown.status_code == 200 and Image.open(io.BytesIO(shown.content)).mode == "RGB"
     assert [c["cell"] for c in results["field.jpg"]["cells"]] == list(range(len(truth)))  # one crop per leukocyte
     assert results["notes.jpg"]["error"].startswith("notes.jpg: not a readable image")
+    assert "not a readable image" in results["notes-again.jpg"]["error"]  # a copy of a refused file: refused too
     assert "not an accepted image type (.txt)" in results["readme.txt"]["error"]
     assert results["big.png"]["error"].startswith("big.png: too large (0.12 MB); the limit is 0.1 MB a file")
     assert "bomb.png: too large, refused before decoding" in results["bomb.png"]["error"]
@@ -150,7 +152,8 @@ def test_uploads_are_checked_kept_and_recognised(client: TestClient, cells: Path
     assert not any(p.name.startswith(".") or "evil" in p.name for p in stored)
     summary = client.get(f"/api/cases/{case['id']}").json()
     assert summary["cells"] == 2 + len(truth)
-    assert {e["file"] for e in summary["errors"]} == {"notes.jpg", "readme.txt", "big.png", "bomb.png", "empty.png"}
+    assert {e["file"] for e in summary["errors"]} == {"notes.jpg", "readme.txt", "big.png", "bomb.png", "empty.png",
+                                                      "notes-again.jpg"}
     assert summary["checkpoints"][0]["name"] == "last.ckpt"
     # requests refused as a whole
     assert client.post(f"/api/cases/{case['id']}/files", files=[("files", (f"{i}.png", good)) for i in range(21)]
@@ -162,7 +165,7 @@ def test_uploads_are_checked_kept_and_recognised(client: TestClient, cells: Path
 
 
 def test_review_queue_undo_sign_off_and_exports(client: TestClient, cells: Path, tmp_path: Path) -> None:
-    case = client.post("/api/cases", json={"note": "review"}).json()["id"]
+    case = client.post("/api/cases", json={"note": "slide <b>B</b>"}).json()["id"]
     files = [("files", (f"{c}.png", sorted((cells / c).glob("*.png"))[1].read_bytes())) for c in CLASSES]
     files.append(("files", ("blank.png", png(np.full((64, 64, 3), 235, np.uint8)))))
     assert client.post(f"/api/cases/{case}/files", files=files).status_code == 200
@@ -203,6 +206,7 @@ def test_review_queue_undo_sign_off_and_exports(client: TestClient, cells: Path,
     assert len(rows) == 6 and {r["review_label"] for r in rows} == {"", "not_a_leukocyte", "monocyte", "basophil"}
     report = client.get(f"/api/cases/{case}/report.html")
     assert report.status_code == 200 and "Signed off by ann" in report.text and "<script" not in report.text
+    assert "slide &lt;b&gt;B&lt;/b&gt;" in report.text  # what people typed is text, never markup
     assert "script-src" not in report.headers["content-security-policy"]
 
     # the manifest: reviewed leukocytes only, read by train's manifest reader and by adapt's label reader

@@ -123,17 +123,27 @@ class Station:
             raise Refused(413, f"{len(files)} files in one upload; at most {limits.max_files}")
         with self.sessions() as s:
             self._case(s, case_id, writable=True)
-        work, seen = [], set()  # (name, sha or None, bytes, cells or error)
+        work, todo, seen = [], [], set()  # per file: [name, sha or None, bytes, cells or error]
         for filename, data in files:
             name = safe_name(filename)
             try:
                 self.classifier.check(name, data)
-                digest = sha256(data)
-                known = digest in seen or self._known(case_id, digest)
-                work.append((name, digest, data, [] if known else self.classifier.cells(name, data)))
-                seen.add(digest)
-            except ValueError as err:  # load_rgb's reason, or the type and size checks: names the file
-                work.append((name, None, None, str(err)))
+            except ValueError as err:  # the type and size checks: the message names the file
+                work.append([name, None, None, str(err)])
+                continue
+            digest = sha256(data)
+            work.append([name, digest, data, []])
+            if digest not in seen and not self._known(case_id, digest):  # a known file is not classified again
+                todo.append(len(work) - 1)
+            seen.add(digest)
+        failed = {}
+        for i, outcome in zip(todo, self.classifier.classify([(work[i][0], work[i][2]) for i in todo])):
+            work[i][3] = outcome  # its cells, or load_rgb's reason
+            if isinstance(outcome, str):
+                failed[work[i][1]] = outcome
+        for w in work:
+            if w[1] in failed:  # the file, and any copy of it in the same request, was refused
+                w[1], w[3] = None, failed[w[1]]
         with self.write, self.sessions() as s, s.begin():
             self._case(s, case_id, writable=True)  # signed off meanwhile?
             results, added = [], {}

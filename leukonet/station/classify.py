@@ -108,6 +108,9 @@ class Classifier:
         # as in predict: the configured threshold, else the checkpoint's (calibration), else 0.9
         self.review_threshold, self.review_threshold_from = _review_threshold(cfg.get("review_threshold"), self.predictor)
         self.explain = bool(cfg.explain)
+        self.batch_size = int(cfg.batch_size)
+        if self.batch_size <= 0:
+            raise DataError(f"batch_size must be positive, got {cfg.batch_size}")
         self.lock = threading.Lock()
 
     def check(self, name: str, data: bytes) -> None:
@@ -120,27 +123,36 @@ class Classifier:
             raise ValueError(f"{name}: too large ({len(data) / 1e6:.3g} MB); "
                              f"the limit is {self.limits.max_file / 1e6:g} MB a file")
 
-    def cells(self, name: str, data: bytes) -> list[CellResult]:
-        """The cells of one file (one, or one per leukocyte of a field); ValueError for a file that cannot be used."""
-        self.check(name, data)
-        notes: list[str] = []
-        image = load_rgb(name, notes=notes, data=data)  # content check: ValueError names the file and the reason
-        cells = cells_of(image, name, self.fields)
-        with self.lock:
-            probs, checks = assess(self.predictor, cells)
-            classes = probs.argmax(1).tolist()
-            heats = heatmaps(self.predictor.model, [c.pixels for c in cells], classes) if self.explain else None
-        out = []
-        for i, (cell, p, k, check) in enumerate(zip(cells, probs, classes, checks)):
-            flagged = bool(check["not_a_leukocyte"])
-            # as in predict: a flagged input gets no class and is not counted; needs_review is for the leukocytes
-            out.append(CellResult(
-                index=cell.index, x=cell.x, y=cell.y,
-                image_png=None if cell.index is None and PurePath(name).suffix.lower() in SHOWN_AS_IS else png(cell.pixels),
-                heatmap_jpeg=None if heats is None else jpeg(overlay(cell.pixels, heats[i])),
-                predicted=None if flagged else self.class_names[k], top_class=self.class_names[k],
-                probabilities={n: round(float(q), 6) for n, q in zip(self.class_names, p)},
-                confidence=round(float(p[k]), 6), needs_review=bool(not flagged and p[k] < self.review_threshold),
-                not_a_leukocyte=flagged, ood_score=_finite(check["ood_score"]), ood_reason=check["ood_reason"],
-                notes=notes))
+    def classify(self, files: list[tuple[str, bytes]]) -> list[list[CellResult] | str]:
+        """Per file, its cells (one, or one per leukocyte of a field) or why it cannot be used (the reason names
+        the file). The cells of all the files go through the model together, ``batch_size`` at a time."""
+        out: list[list[CellResult] | str] = [[] for _ in files]
+        found = []  # (file number, name, notes, cell)
+        for i, (name, data) in enumerate(files):
+            try:
+                self.check(name, data)
+                notes: list[str] = []
+                image = load_rgb(name, notes=notes, data=data)  # content check: ValueError names the file and why
+                found += [(i, name, notes, cell) for cell in cells_of(image, name, self.fields)]
+            except ValueError as err:
+                out[i] = str(err)
+        for start in range(0, len(found), self.batch_size):
+            batch = found[start:start + self.batch_size]
+            cells = [cell for *_, cell in batch]
+            with self.lock:
+                probs, checks = assess(self.predictor, cells)
+                classes = probs.argmax(1).tolist()
+                heats = heatmaps(self.predictor.model, [c.pixels for c in cells], classes) if self.explain else None
+            for j, ((i, name, notes, cell), p, k, check) in enumerate(zip(batch, probs, classes, checks)):
+                flagged = bool(check["not_a_leukocyte"])
+                shown_as_is = cell.index is None and PurePath(name).suffix.lower() in SHOWN_AS_IS
+                # as in predict: a flagged input gets no class and is not counted; needs_review is for leukocytes
+                out[i].append(CellResult(
+                    index=cell.index, x=cell.x, y=cell.y, image_png=None if shown_as_is else png(cell.pixels),
+                    heatmap_jpeg=None if heats is None else jpeg(overlay(cell.pixels, heats[j])),
+                    predicted=None if flagged else self.class_names[k], top_class=self.class_names[k],
+                    probabilities={n: round(float(q), 6) for n, q in zip(self.class_names, p)},
+                    confidence=round(float(p[k]), 6), needs_review=bool(not flagged and p[k] < self.review_threshold),
+                    not_a_leukocyte=flagged, ood_score=_finite(check["ood_score"]), ood_reason=check["ood_reason"],
+                    notes=notes))
         return out
