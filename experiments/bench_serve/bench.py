@@ -197,6 +197,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     n = args.clients * args.per_client
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = Path(args.ckpt) if args.ckpt else tiny_checkpoint(work)
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                   "requests_failed_by_kill": len(crash["failures"]),
                   "restart_s": round(restarted.start_s, 2), "upload_after_restart_status": after.status_code, **check},
         "machine": machine(),
+        # other work on the machine (the 1-minute load average): this run competed with it for the CPUs
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
 
 {results['clients']} clients at once, each its own case, {results['cells_per_client']} cells each in requests of
 {results['files_per_request']} files ({results['cells_from']}; model: {results['model']}; Grad-CAM on;
-{results['machine']['cpu']}, {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}).
+{results['machine']['cpu']}, {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}; 1-minute load
+average {results['load_average_1min']['before']} before, {results['load_average_1min']['after']} after: other work
+shared the CPUs).
 
 | cells sent | cells stored | cases complete | p50 | p95 | max | cells/s |
 |---:|---:|---:|---:|---:|---:|---:|

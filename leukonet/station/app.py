@@ -65,8 +65,8 @@ def create_app(cfg: DictConfig, predictor: Predictor | None = None) -> FastAPI:
     app.openapi_version = "3.0.3"  # the bundled Swagger UI (4.x) reads OpenAPI 3.0
     app.state.station = station
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def refusal(request: Request) -> Response | None:
+        """The answer to a request that goes no further, or None."""
         host = request.headers.get("host", "")
         if local_only and not is_loopback(host):
             return _error(403, f"host {host!r} is not this local server")
@@ -93,11 +93,17 @@ def create_app(cfg: DictConfig, predictor: Predictor | None = None) -> FastAPI:
             cap = limits.max_request if request.url.path.endswith("/files") else MAX_JSON
             if length > cap:  # refused before the body is read
                 return _error(413, f"request of {length / 1e6:.3g} MB refused: the limit is {cap / 1e6:g} MB a request")
-        try:
-            response = await call_next(request)
-        except Exception as err:  # noqa: BLE001 - the server outlives any one request
-            traceback.print_exc()
-            response = _error(500, f"internal error ({type(err).__name__})")
+        return None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        response = refusal(request)
+        if response is None:
+            try:
+                response = await call_next(request)
+            except Exception as err:  # noqa: BLE001 - the server outlives any one request
+                traceback.print_exc()
+                response = _error(500, f"internal error ({type(err).__name__})")
         path = request.url.path
         csp = DOCS_CSP if path.startswith("/docs") else REPORT_CSP if path.endswith("report.html") else PAGE_CSP
         response.headers.setdefault("Content-Security-Policy", csp)
