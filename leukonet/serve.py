@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import uvicorn
 from omegaconf import DictConfig
+from sqlalchemy.engine import make_url
 
 from leukonet.errors import DataError, exit_on_user_error
 from leukonet.station.access import check_host
@@ -34,7 +35,8 @@ def serve(cfg: DictConfig) -> None:
         raise DataError(f"cannot listen on {cfg.host}:{cfg.port}: {err.strerror or err}") from err
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in str(host) else host
-    print(f"leukonet: serving {Path(str(cfg.ckpt_path)).name} on http://{shown}:{port}/ (database {cfg.db_url}; "
+    database = make_url(str(cfg.db_url)).render_as_string(hide_password=True)
+    print(f"leukonet: serving {Path(str(cfg.ckpt_path)).name} on http://{shown}:{port}/ (database {database}; "
           f"Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10))
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then re-raises the signal to the handler it found:

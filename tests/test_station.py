@@ -20,10 +20,11 @@ from conftest import compose_cfg, run_module
 from leukonet.adapt.cells import decode, read_labels
 from leukonet.data.cells import synthetic_field
 from leukonet.data.manifest import read_manifest
-from leukonet.errors import DataError
+from leukonet.errors import DataError, RunExistsError
 from leukonet.station.access import check_host
 from leukonet.station.app import create_app
 from leukonet.station.db import Base, open_database
+from leukonet.station.export import export
 from leukonet.station.storage import ImageStore
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
@@ -228,10 +229,11 @@ def test_review_queue_undo_sign_off_and_exports(client: TestClient, cells: Path,
     proc = run_module("leukonet.station.export", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_text() == manifest.read_text()
-    proc = run_module("leukonet.station.export", *args)  # never overwritten
-    assert proc.returncode == 2 and "exists" in proc.stderr
-    proc = run_module("leukonet.station.export", f"station_dir={tmp_path / 'none'}", f"out={tmp_path / 'x.csv'}")
-    assert proc.returncode == 2 and "no database" in proc.stderr and not (tmp_path / "none").exists()
+    with pytest.raises(RunExistsError, match="exists"):  # never overwritten
+        export(compose_cfg("station_export", args))
+    with pytest.raises(DataError, match="no database"):  # never created by an export
+        export(compose_cfg("station_export", [f"station_dir={tmp_path / 'none'}", f"out={tmp_path / 'x.csv'}"]))
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_restart_finds_everything(client: TestClient, trained_run: Path) -> None:
