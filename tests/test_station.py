@@ -252,3 +252,9 @@ def test_api_docs_are_served_from_this_machine(client: TestClient) -> None:
     assert client.get("/docs/swagger-ui-bundle.js").status_code == 200
     spec = client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.0") and "/api/cases/{case_id}/files" in spec["paths"]
+
+
+def test_csv_cells_never_start_a_formula() -> None:
+    from leukonet.station.exports import _cell
+
+    assert [_cell(v) for v in ("=1+1", "+x", "-2", "@a", "cell.png", 3)] == ["'=1+1", "'+x", "'-2", "'@a", "cell.png", 3]
