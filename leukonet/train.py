@@ -92,7 +92,7 @@ def print_next_steps(output_dir: Path, metrics: dict[str, float]) -> None:
     table.add_row("", "")
     table.add_row("predict", f"{py} -m leukonet.predict ckpt_path={ckpt} input={run}/predictions.csv  "
                              "# the test cells; or input=FILE_OR_DIR")
-    table.add_row("web page", f"{py} -m leukonet.serve ckpt_path={ckpt}  # then open http://127.0.0.1:8000/")
+    table.add_row("review station", f"{py} -m leukonet.serve ckpt_path={ckpt}  # then open http://127.0.0.1:8000/")
     table.add_row("evaluate", f"{py} -m leukonet.evaluate ckpt_path={ckpt} data.root=DIR  # any folder of <class>/ images")
     Console().print(Panel(table, title=f"run finished: {run}", title_align="left", expand=False))
 

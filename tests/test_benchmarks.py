@@ -333,3 +333,18 @@ def test_adapt_bench_splits_each_lab_in_halves_with_near_copies_together(cells: 
     assert all(len({side[p] for p in g}) == 1 for g in groups)  # copies together
     again = bench.halves(entries, root, 0, groups)
     assert (again[0] == pool).all() and not (bench.halves(entries, root, 1, groups)[0] == pool).all()
+
+
+def test_bench_serve_counts_every_cell_and_checks_the_database_after_kill_9(trained_run: Path, cells: Path,
+                                                                              tmp_path: Path) -> None:
+    """experiments/bench_serve on 2 clients of 10 cells: every cell stored; killed after 1 answer, intact."""
+    _run(str(REPO / "experiments" / "bench_serve" / "bench.py"), "--ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
+         "--cells", str(cells), "--clients", "2", "--per-client", "10", "--per-request", "5", "--kill-after", "1",
+         "--out", str(tmp_path))
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["clients"] == 2 and res["cells_sent"] == res["cells_stored"] == 20 and res["cases_complete"] == 2
+    assert res["p95_ms"] >= res["p50_ms"] > 0 and res["cells_per_s"] > 0
+    kill9 = res["kill9"]
+    assert kill9["intact"] and kill9["integrity_check"] == "ok" and kill9["upload_after_restart_status"] == 200
+    assert kill9["requests_answered_before_kill"] >= 1 and kill9["acknowledged_cells_missing"] == 0
+    assert (tmp_path / "results.md").is_file()

@@ -1,11 +1,13 @@
-"""The web page (leukonet.serve): limits and type checks over HTTP, the local-only default, and the page end
-to end in a real headless browser (Debian's chromium driven by Playwright; skipped when either is missing)."""
+"""``python -m leukonet.serve``: the station as a real server (uvicorn), the caps on what a request may send, and the
+lab's workflow end to end in a real headless browser (Debian's chromium driven by Playwright; skipped when either
+is missing): create a case, drop cells including bad files, review three with the keyboard, watch the count
+change, sign off, export, reload and find it all still there."""
 
 from __future__ import annotations
 
 import base64
+import csv
 import io
-import json
 import os
 import shutil
 import signal
@@ -13,34 +15,29 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, compose_cfg, run_module
-from leukonet.data.cells import synthetic_field
-from leukonet.errors import DataError
-from leukonet.serve import check_host, parse_multipart
+from conftest import REPO
 
 CHROMIUM = os.environ.get("LEUKONET_CHROMIUM", "/usr/bin/chromium")  # Debian's; Playwright downloads none here
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 MAX_FILE_MB, MAX_REQUEST_MB = 0.1, 0.5
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+REVIEWED = "n => document.getElementById('progress').textContent.startsWith(n + ' of')"  # n cells reviewed
 
 
 @pytest.fixture(scope="module")
-def server(trained_run: Path):
-    """``python -m leukonet.serve`` on a free port (port=0) with small upload limits; its base URL."""
+def server(trained_run: Path, tmp_path_factory):
+    """``python -m leukonet.serve`` on a free port (port=0) with small upload limits and its own station; its URL."""
+    station = tmp_path_factory.mktemp("station")
     proc = subprocess.Popen(
         [sys.executable, "-m", "leukonet.serve", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "port=0",
-         f"max_file_mb={MAX_FILE_MB}", f"max_request_mb={MAX_REQUEST_MB}", "max_files=20"],
+         f"station_dir={station}", f"max_file_mb={MAX_FILE_MB}", f"max_request_mb={MAX_REQUEST_MB}", "max_files=20"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -56,31 +53,15 @@ def server(trained_run: Path):
     if not ready.wait(120):
         proc.kill()
         pytest.fail(f"the server did not start: {''.join(lines)}")
-    url = next(line for line in lines if "serving" in line).split(" on ")[1].split()[0].rstrip("/")
-    yield url
+    yield next(line for line in lines if "serving" in line).split(" on ")[1].split()[0].rstrip("/")
     proc.send_signal(signal.SIGTERM)
     try:
-        assert proc.wait(15) == 0
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "stopped" in "".join(lines)
-
-
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files)
-    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def post(url: str, body: bytes, content_type: str, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type, **(headers or {})})
-    try:
-        with NO_PROXY.open(req, timeout=60) as res:
-            return res.status, json.loads(res.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    assert (station / "station.db").is_file()
 
 
 def raw_request(url: str, head: str) -> str:
@@ -94,90 +75,27 @@ def raw_request(url: str, head: str) -> str:
     return data.decode("utf-8", "replace")
 
 
-def jpeg(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def test_multipart_parser_keeps_binary_content() -> None:
-    data = bytes(range(256)) * 3 + b"\r\n--not-the-boundary\r\n"
-    body, ctype = multipart([("a.png", data), ("dir/b.jpg", b"")])
-    assert parse_multipart(body, ctype) == [("files", "a.png", data), ("files", "dir/b.jpg", b"")]
-
-
-def test_serve_binds_only_to_this_machine_unless_told(tmp_path: Path) -> None:
-    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
-        check_host(compose_cfg("serve", ["ckpt_path=x", f"host={host}"]))
-    for host in ("0.0.0.0", "192.168.1.10", "example.org"):
-        with pytest.raises(DataError, match="allow_remote=true"):
-            check_host(compose_cfg("serve", ["ckpt_path=x", f"host={host}"]))
-    check_host(compose_cfg("serve", ["ckpt_path=x", "host=0.0.0.0", "allow_remote=true"]))
-    assert compose_cfg("serve", ["ckpt_path=x"]).host == "127.0.0.1"
-    # from the command line: refused before the checkpoint is even read
-    proc = run_module("leukonet.serve", f"ckpt_path={tmp_path / 'none.ckpt'}", "host=0.0.0.0")
-    assert proc.returncode == 2 and "allow_remote=true" in proc.stderr, proc.stderr[-2000:]
-
-
-def test_upload_limits_and_file_types_over_http(server: str, cells: Path) -> None:
-    good = (cells / "lymphocyte").glob("*.png").__next__().read_bytes()
-    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    big = png(noise)  # about 120 kB: over the 0.1 MB a file
-    assert len(big) > MAX_FILE_MB * 1e6
-    bomb = Image.new("L", (8_000, 8_000))  # 64 megapixels declared, a tiny file
-    buf = io.BytesIO()
-    bomb.save(buf, format="PNG")
-    field, truth = synthetic_field(np.random.default_rng(0), (360, 480), 3, ["neutrophil", "lymphocyte", "eosinophil"])
-    blank = png(np.full((64, 64, 3), 235, np.uint8))
-    body, ctype = multipart([("good.png", good), ("field.jpg", jpeg(field)), ("notes.jpg", b"just some text\n"),
-                             ("readme.txt", good), ("big.png", big), ("bomb.png", buf.getvalue()), ("empty.png", b""),
-                             ("blank.png", blank),
-                             ("../../etc/evil.png", good)])
-    status, data = post(f"{server}/api/classify", body, ctype)
-    assert status == 200, data
-    results = {r["file"]: r for r in data["results"]}
-    assert list(results) == ["good.png", "field.jpg", "notes.jpg", "readme.txt", "big.png", "bomb.png", "empty.png",
-                             "blank.png", "evil.png"]
-    (cell,) = results["good.png"]["cells"]
-    assert cell["top_class"] in CLASSES and cell["confidence"] == max(cell["probabilities"].values())
-    assert cell["predicted"] == (None if cell["not_a_leukocyte"] else cell["top_class"])
-    assert cell["heatmap"].startswith("data:image/png;base64,") and cell["thumbnail"].startswith("data:image/png")
-    assert Image.open(io.BytesIO(base64.b64decode(cell["heatmap"].split(",", 1)[1]))).mode == "RGB"
-    assert [c["cell"] for c in results["field.jpg"]["cells"]] == list(range(len(truth)))  # one crop per leukocyte
-    assert results["notes.jpg"]["error"].startswith("notes.jpg: not a readable image")
-    assert "not an accepted image type (.txt)" in results["readme.txt"]["error"]
-    assert results["big.png"]["error"].startswith("big.png: too large (0.12 MB); the limit is 0.1 MB a file")
-    assert "bomb.png: too large, refused before decoding" in results["bomb.png"]["error"]
-    assert results["empty.png"]["error"] == "empty.png: empty file (0 bytes)"
-    (flagged,) = results["blank.png"]["cells"]  # no stained nucleus: flagged, no class, not for review
-    assert flagged["not_a_leukocyte"] and flagged["ood_reason"] == "no nucleus" and flagged["predicted"] is None
-    assert not flagged["needs_review"]
-    assert "cells" in results["evil.png"]  # folders in a file name are dropped: nothing is written anyway
-
-    # a request over the cap is answered 413 without its body being read
-    answer = raw_request(server, "POST /api/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                 f"Content-Type: {ctype}\r\nContent-Length: {int(MAX_REQUEST_MB * 1e6) + 1}\r\n\r\n")
-    assert answer.startswith("HTTP/1.0 413") and "limit is 0.5 MB a request" in answer
-    answer = raw_request(server, "POST /api/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert answer.startswith("HTTP/1.0 411")
-    assert post(f"{server}/api/classify", b"{}", "application/json")[0] == 400
-    assert post(f"{server}/api/classify", *multipart([(f"{i}.png", good) for i in range(21)]))[0] == 413  # max_files=20
-    # another site's page, or a DNS-rebound name, gets nothing
-    assert post(f"{server}/api/classify", body, ctype, {"Origin": "http://evil.example"})[0] == 403
-    assert raw_request(server, "GET /api/info HTTP/1.1\r\nHost: evil.example\r\n\r\n").startswith("HTTP/1.0 403")
-    status, count = post(f"{server}/api/differential", json.dumps({"labels": ["monocyte"] * 3 + ["basophil"]}).encode(),
-                         "application/json")
-    assert status == 200 and count["cells"] == 4
-    assert {r["class"]: r["cells"] for r in count["differential"]}["monocyte"] == 3
-    assert post(f"{server}/api/differential", b'{"labels": ["pickle"]}', "application/json")[0] == 400
-    with NO_PROXY.open(f"{server}/api/info", timeout=30) as res:  # still serving after all of that
-        assert json.loads(res.read())["classes"] == CLASSES
+def test_requests_over_the_caps_are_refused_unread(server: str) -> None:
+    over = int(MAX_REQUEST_MB * 1e6) + 1
+    answer = raw_request(server, "POST /api/cases/1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                                 f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {over}\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 413") and "limit is 0.5 MB a request" in answer
+    answer = raw_request(server, "POST /api/cases HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                                 "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 413")  # JSON requests are small
+    answer = raw_request(server, "POST /api/cases/1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                                 "Transfer-Encoding: chunked\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 411")
+    answer = raw_request(server, "GET /api/info HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 403") and "nosniff" in answer  # a DNS-rebound name gets nothing
+    answer = raw_request(server, "GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 200") and "content-security-policy" in answer.lower()
 
 
 @pytest.fixture(scope="module")
@@ -198,58 +116,35 @@ def browser():
             browser.close()
 
 
-def test_page_in_a_headless_browser(browser, server: str, cells: Path, tmp_path: Path) -> None:
+def test_review_station_in_a_headless_browser(browser, server: str, cells: Path, tmp_path: Path) -> None:
     upload = [sorted((cells / c).glob("*.png"))[0] for c in CLASSES[:4]]
     bad = tmp_path / "bad.jpg"
     bad.write_text("this is a text file, not a picture\n")
     big = tmp_path / "big.png"  # over the 0.1 MB a file: refused by the page before it is sent
     big.write_bytes(png(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)))
+    blank = tmp_path / "blank.png"  # no cell at all: not a leukocyte, first in the queue
+    Image.new("RGB", (64, 64), (235, 235, 235)).save(blank)
     dropped = sorted((cells / "neutrophil").glob("*.png"))[0].read_bytes()
-    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    context = browser.new_context(viewport={"width": 1300, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     page.goto(server + "/")
     page.wait_for_selector("body[data-ready=true]", timeout=30_000)
-    blank = tmp_path / "blank.png"  # no cell at all: shown as not a leukocyte, not counted
-    Image.new("RGB", (64, 64), (235, 235, 235)).save(blank)
+    page.fill("#reviewer", "ann")
+    page.dispatch_event("#reviewer", "change")
+    page.fill("#note", "slide A-17")
+    page.click("#new-case button")
+    page.wait_for_selector("#case[data-case-id]:not([hidden])", timeout=30_000)
+    case_id = page.get_attribute("#case", "data-case-id")
+
     page.set_input_files("#file-input", [*upload, bad, big, blank])
     page.wait_for_selector("#status[data-state=done]", timeout=120_000)
-
-    cards = page.locator("#results .cell")
-    assert cards.count() == 5
-    counted = 0
-    for i, f in enumerate(upload):
-        card = cards.nth(i)
-        assert card.get_attribute("data-file") == f.name
-        confidence = float(card.get_attribute("data-confidence"))
-        assert 0 < confidence <= 1
-        assert card.locator(".confidence").inner_text().strip() == f"{100 * confidence:.1f} %"
-        if "ood" in card.get_attribute("class"):  # the feature check may flag a cell of so small a model
-            assert card.locator(".class").inner_text() == "not a leukocyte"
-        else:
-            counted += 1
-            assert card.locator(".class").inner_text() == card.get_attribute("data-class")
-            assert card.get_attribute("data-class") in CLASSES
-            assert card.locator(".flag").inner_text() in ("review", "ok")
-    assert counted >= 3
-    assert cards.nth(4).get_attribute("data-file") == "blank.png" and "ood" in cards.nth(4).get_attribute("class")
-    assert cards.nth(4).locator(".class").inner_text() == "not a leukocyte"
-    assert cards.nth(4).locator(".flag").inner_text() == "no nucleus"
-    error = page.locator("#errors li[data-file='bad.jpg']")
-    assert error.count() == 1 and error.inner_text().startswith("bad.jpg: not a readable image")
-    too_big = page.locator("#errors li[data-file='big.png']").inner_text()
-    assert too_big.startswith("big.png: too large (0.12 MB); the limit is 0.1 MB a file")
-    assert page.get_attribute("#diff-total", "data-cells") == str(counted)
-    counts = page.locator("#differential tbody td.count").all_inner_texts()
-    assert len(counts) == 5 and sum(map(int, counts)) == counted
-    assert "–" in page.locator("#differential tbody tr").first.inner_text()  # a 95 % CI
-    loaded = page.eval_on_selector_all(
-        "#results img.heatmap", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
-    assert loaded == [True] * 5
-
-    # drag and drop adds to the session's count
-    page.evaluate("""b64 => {
+    assert page.locator("#errors li[data-file='bad.jpg']").inner_text().startswith("bad.jpg: not a readable image")
+    assert page.locator("#errors li[data-file='big.png']").inner_text().startswith(
+        "big.png: too large (0.12 MB); the limit is 0.1 MB a file")
+    page.evaluate("""b64 => {  // drag and drop one more cell
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
@@ -257,14 +152,70 @@ def test_page_in_a_headless_browser(browser, server: str, cells: Path, tmp_path:
         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
     }""", base64.b64encode(dropped).decode())
     page.wait_for_selector("#status[data-state=done]", timeout=60_000)
-    assert cards.count() == 6 and cards.nth(5).get_attribute("data-file") == "dropped.png"
-    dropped_counted = "ood" not in cards.nth(5).get_attribute("class")
-    assert page.get_attribute("#diff-total", "data-cells") == str(counted + dropped_counted)
+    assert page.inner_text("#progress") == "0 of 6 cells reviewed"
+    model_cells = int(page.get_attribute("#model-total", "data-cells"))
+    assert 1 <= model_cells <= 5  # blank.png is not counted
+    assert page.get_attribute("#reviewed-total", "data-cells") == "0"
+    assert "no nucleus" in page.inner_text("#current")  # not a leukocyte comes first
+    assert "last.ckpt" in page.inner_text("#case-meta")  # the checkpoint that classified the case
+    loaded = page.eval_on_selector_all("#current img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+    assert loaded == [True, True]  # the cell and its heat map
+
+    # three reviews with the keyboard (X, then two corrections), one undone and redone
+    page.focus("#current")
+    labels = []
+    for n, keys in enumerate((["x"], ["4"], ["1"]), start=1):
+        cell = page.get_attribute("#current", "data-cell-id")
+        for k in keys:
+            page.keyboard.press(k)
+        labels.append(page.get_attribute("#current", "data-label"))
+        page.keyboard.press("Enter")
+        page.wait_for_function(REVIEWED, arg=n)
+        assert page.get_attribute("#current", "data-cell-id") != cell
+    assert labels == ["not_a_leukocyte", "monocyte", "basophil"]
+    page.keyboard.press("u")
+    page.wait_for_function(REVIEWED, arg=2)
+    page.keyboard.press("3")
+    page.keyboard.press("Enter")
+    page.wait_for_function(REVIEWED, arg=3)
+    assert page.get_attribute("#reviewed-total", "data-cells") == "2"  # monocyte and lymphocyte: the count changed
+    reviewed = {r.get_attribute("data-class"): r.get_attribute("data-reviewed")
+                for r in page.locator("#differential tbody tr").all()}
+    assert reviewed == {"basophil": "0", "eosinophil": "0", "lymphocyte": "1", "monocyte": "1", "neutrophil": "0"}
+    assert "–" in page.locator("#differential tbody tr").first.inner_text()  # 95 % intervals
+    page.click("#view-toggle")
+    assert page.locator("#grid .cell").count() == 6 and page.locator("#grid .cell.done").count() == 3
+
+    page.click("#sign-off")
+    page.wait_for_selector("#case[data-signed=true]", timeout=30_000)
+    assert page.inner_text("#signed").startswith("Signed off by ann")
+    page.focus("#current")
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")  # read-only: nothing happens
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert len(rows) == 6 and sorted(r["review_label"] for r in rows if r["review_label"]) == [
+        "lymphocyte", "monocyte", "not_a_leukocyte"]
+    with page.expect_download() as download:
+        page.click("#export-manifest")
+    manifest = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert sorted(r["label"] for r in manifest) == ["lymphocyte", "monocyte"] and all(Path(r["path"]).is_file()
+                                                                                      for r in manifest)
+    report = page.request.get(server + page.get_attribute("#export-report", "href")).text()
+    assert "Signed off by ann" in report and "slide A-17" in report
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     if os.environ.get("LEUKONET_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["LEUKONET_SCREENSHOT"])
-    page.click("#clear")  # a new session
-    page.wait_for_selector("#diff-total[data-cells='0']", timeout=30_000)
-    assert page.locator("#results .cell").count() == 0 and page.locator("#errors li").count() == 0
+
+    page.reload()  # all of it is still there
+    page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+    page.wait_for_selector("#case[data-signed=true]", timeout=30_000)
+    assert page.get_attribute("#case", "data-case-id") == case_id
+    assert page.inner_text("#progress") == "3 of 6 cells reviewed"
+    assert page.get_attribute("#reviewed-total", "data-cells") == "2"
+    assert page.get_attribute("#model-total", "data-cells") == str(model_cells)
+    assert page.locator("#errors li[data-file='bad.jpg']").count() == 1  # refused files are kept on record too
+    assert "slide A-17" in page.inner_text(f"#case-list tr[data-case='{case_id}']")
     assert errors == []
-    page.close()
+    context.close()
