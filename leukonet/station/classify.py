@@ -19,7 +19,7 @@ from PIL import Image
 from leukonet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from leukonet.errors import DataError
 from leukonet.explain import heatmaps, overlay
-from leukonet.predict import Predictor, _review_threshold, assess, cells_of
+from leukonet.predict import Predictor, _review_threshold, assess, cells_of, load_predictor
 
 
 @dataclass
@@ -101,7 +101,10 @@ class Classifier:
         self.fields = str(cfg.fields).lower()
         if self.fields not in ("auto", "true", "false"):
             raise DataError(f"fields must be auto, true or false, got {cfg.fields!r}")
-        self.predictor = predictor or Predictor(cfg.ckpt_path, cfg.precision)
+        # as predict loads it: the cell-kind check rides along (kind_check), with the lab profile leukonet.adapt
+        # stored in the checkpoint if any (an upload is too few cells to measure a lab's own)
+        self.predictor = predictor or load_predictor(cfg.ckpt_path, "torch", cfg.precision,
+                                                     kind_check=cfg.get("kind_check", "auto"))
         self.checkpoint = str(Path(str(cfg.ckpt_path)).resolve())
         self.checkpoint_sha256 = file_sha256(Path(self.checkpoint))
         self.class_names = self.predictor.class_names
