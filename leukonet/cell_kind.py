@@ -16,6 +16,8 @@ out of the count. This check asks the question the count needs instead, and is t
   views (the stain-robust recipe's stain, colour and optics, zoom 0.6-2.6x, defocus, low resolution: other
   labs frame and focus differently). 32 kB of weights: ``leukonet/data/cell_kind.safetensors``, with the
   data and the command that made it in its metadata.
+- **Unlike any kind**: a linear head answers confidently far from its data (it calls a photo of an astronaut a
+  leukocyte), so an image farther from every kind's training images than they ever are is ``UNLIKE``.
 - **The lab's profile** (``CellKind``): even so, BCCD's leukocytes look to these features like PBC's
   erythroblasts or platelets unless the lab's shift is taken out: 61 % flagged without it, 4.6 % with it.
 
@@ -47,12 +49,21 @@ from leukonet.resolvers import best_precision
 
 KINDS = ("leukocyte", "erythroblast", "platelet", "no_cell")  # the main head's classes
 IMMATURE = "immature_granulocyte"  # a second, one-against-leukocytes head
+UNLIKE = "unlike_any"  # farther from every kind's training images than FAR_MARGIN times the farthest of them
 REASONS = {  # ood_reason of an image of each kind but a leukocyte
     IMMATURE: "immature granulocyte (a leukocyte, not one of the five classes)",
     "erythroblast": "erythroblast (nucleated red cell)",
     "platelet": "platelets",
     "no_cell": "no leukocyte (red cells or background)",
+    UNLIKE: "not a stained blood cell (unlike every kind of image the check was trained on)",
 }
+# A linear head answers confidently far from its training data (a photo of an astronaut: a leukocyte, p = 1.0), so
+# an image whose features (standardised, after the lab profile) lie farther from every kind's mean than FAR_MARGIN
+# times the farthest training image (an augmented view: zoomed 2.6x and defocused, 4.96 away) is none of them.
+# Measured with the packaged heads: genuine cells of PBC, cellavision and BCCD at most 1.81, 1.91 and 4.09 away;
+# held-out erythroblasts, platelets, immature granulocytes and red-cell crops at most 2.33; scikit-image's photos
+# at 48-360 px 2.2-8.9 (13 of 18 beyond 4.47; the others have no nucleus or are called no cell).
+FAR_MARGIN = 0.9
 # The operating point (CellKind.kinds), chosen on both external labs in experiments/new_lab (its results.json
 # holds the curve): a cell is a leukocyte unless that probability is below LEUKOCYTE_MIN, and an immature
 # granulocyte when the immature head's probability reaches IMMATURE_THRESHOLD.
@@ -120,7 +131,8 @@ class CellKind:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k).numpy().astype(np.float64) for k in f.keys()}  # noqa: SIM118
         expected = {"weight": (len(KINDS), 1280), "bias": (len(KINDS),), "immature_weight": (1280,),
-                    "immature_bias": (1,), "reference": (1280,)}
+                    "immature_bias": (1,), "reference": (1280,), "mean": (1280,), "scale": (1280,),
+                    "centres": (len(KINDS) + 1, 1280), "far": (1,)}
         if (tuple(json.loads(meta.get("kinds", "[]"))) != KINDS or meta.get("backbone") != BACKBONE
                 or {k: tensors[k].shape for k in tensors} != expected):
             raise DataError(f"{path}: not a cell-kind head for {BACKBONE} and kinds {KINDS} (metadata {meta})")
@@ -142,16 +154,23 @@ class CellKind:
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True), 1 / (1 + np.exp(-(x @ self.immature_weight + self.immature_bias)))
 
+    def distance(self, feats: np.ndarray, lab: np.ndarray | None = None) -> np.ndarray:
+        """(N,) root-mean-square distance of the standardised features to the nearest kind's training mean."""
+        z = (feats - (0 if lab is None else lab - self.reference) - self.mean) / self.scale
+        return np.sqrt(((z[:, None, :] - self.centres[None]) ** 2).mean(2)).min(1)
+
     def kinds(self, feats: np.ndarray, lab: np.ndarray | None = None, leukocyte_min: float | None = None,
               immature_threshold: float | None = None) -> list[str]:
-        """A leukocyte unless its probability is below ``leukocyte_min`` (then the likeliest other kind); a
-        leukocyte whose immature probability reaches ``immature_threshold`` is an immature granulocyte. Both
+        """``UNLIKE`` when the image is far from every kind (``distance``); else a leukocyte unless its probability
+        is below ``leukocyte_min`` (then the likeliest other kind); a leukocyte whose immature probability reaches
+        ``immature_threshold`` is an immature granulocyte. The thresholds
         default to the operating point chosen in ``experiments/new_lab`` (LEUKOCYTE_MIN, IMMATURE_THRESHOLD)."""
         low = LEUKOCYTE_MIN if leukocyte_min is None else leukocyte_min
         high = IMMATURE_THRESHOLD if immature_threshold is None else immature_threshold
         p, immature = self.probabilities(feats, lab)
-        return [KINDS[1 + int(np.argmax(row[1:]))] if row[0] < low else IMMATURE if q >= high else KINDS[0]
-                for row, q in zip(p, immature)]
+        far = self.distance(feats, lab) > FAR_MARGIN * float(self.far[0])
+        return [UNLIKE if f else KINDS[1 + int(np.argmax(row[1:]))] if row[0] < low else IMMATURE if q >= high
+                else KINDS[0] for row, q, f in zip(p, immature, far)]
 
 
 def augmentation() -> A.Compose:
@@ -239,7 +258,8 @@ def fit(data: Path, out: Path, views: int = 3, c: float = 0.01, per_class: int =
     Multinomial logistic regression on standardised features (folded into the stored weights), classes
     balanced, each image plain and in ``views`` augmented views (``augmentation``). The immature head: the
     same, immature granulocytes against the leukocytes. ``reference``: the median plain features of the
-    training leukocytes.
+    training leukocytes; ``mean``, ``scale``, ``centres`` and ``far``: the standardisation of all training
+    features, each kind's mean in it and the farthest training image's distance (``CellKind.distance``).
     """
     from safetensors.numpy import save_file
     from sklearn.linear_model import LogisticRegression
@@ -273,8 +293,15 @@ def fit(data: Path, out: Path, views: int = 3, c: float = 0.01, per_class: int =
             "data": "PBC (Acevedo et al., Data in Brief 30:105474, 2020, CC BY 4.0): pbc-2500 train split, "
                     "pbc-other 70 %; BCCD fields (MIT) away from leukocyte boxes, 2 of 3 fields",
             "command": "python -m leukonet.cell_kind " + " ".join(sys.argv[1:])}
+    every = np.concatenate([seen[k].reshape(-1, seen[k].shape[-1]) for k in (*KINDS, IMMATURE)])
+    mean, scale = every.mean(0), every.std(0) + 1e-6
+    centres = np.stack([((seen[k].reshape(-1, every.shape[1]) - mean) / scale).mean(0) for k in (*KINDS, IMMATURE)])
+    z = (every - mean) / scale
+    farthest = max(float(np.sqrt(((z[i:i + 1024, None] - centres[None]) ** 2).mean(2)).min(1).max())
+                   for i in range(0, len(z), 1024))
     tensors = {"weight": weight, "bias": bias, "immature_weight": immature_weight[0], "immature_bias": immature_bias[0],
-               "reference": np.median(seen["leukocyte"][0], axis=0)}
+               "reference": np.median(seen["leukocyte"][0], axis=0), "mean": mean, "scale": scale,
+               "centres": centres, "far": np.array([farthest])}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp), metadata=meta)

@@ -287,14 +287,15 @@ def predict(cfg: DictConfig) -> dict:
     runtime = str(cfg.get("runtime", "torch")).lower()
     if runtime == "onnx" and cfg.get("explain", False):
         raise DataError("explain=true needs runtime=torch: Grad-CAM takes gradients of the PyTorch model")
-    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision, cfg.get("tta", "none"), cfg.get("kind_check", True))
+    predictor = load_predictor(cfg.ckpt_path, runtime, cfg.precision, cfg.get("tta", "none"),
+                               cfg.get("kind_check", "auto"))
     threshold, threshold_from = _review_threshold(cfg.get("review_threshold"), predictor)
     names = predictor.class_names
     files = input_files(cfg.input)
     unreadable: list[dict] = []
     rows = []
     explain, used = bool(cfg.get("explain", False)), set()
-    assessed = []  # per batch: cells, probabilities, checks, cell-kind features
+    assessed = []  # per batch: where each cell is, probabilities, checks, cell-kind features, heat maps
     for batch in _batches(files, str(cfg.fields).lower(), cfg.batch_size, unreadable, cfg.progress):
         feats = predictor.cell_kind.features([c.pixels for c in batch]) if predictor.cell_kind is not None else None
         probs, checks = assess(predictor, batch, feats)
@@ -318,8 +319,8 @@ def predict(cfg: DictConfig) -> dict:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "cell", "x", "y", "predicted", *(f"p_{n}" for n in names),
-                                               "confidence", "needs_review", "not_a_leukocyte", "ood_score", "ood_reason", "unfamiliar"]
-                                + (["heatmap"] if explain else []))
+                                               "confidence", "needs_review", "not_a_leukocyte", "ood_score", "ood_reason",
+                                               "unfamiliar"] + (["heatmap"] if explain else []))
         writer.writeheader()
         writer.writerows(rows)
     count = differential([r["predicted"] for r in rows if not r["not_a_leukocyte"]], names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -80,3 +81,15 @@ def test_real_cells_of_each_kind(real_data, check: CellKind) -> None:
     lab = check.profile(check.features(leukocytes))
     assert check.kinds(check.features(leukocytes), lab).count("leukocyte") >= 13
     assert check.kinds(check.features(platelets), lab).count("platelet") >= 13
+
+
+def test_photos_are_unlike_any_kind_of_cell(check: CellKind) -> None:
+    """A linear head calls an astronaut a leukocyte (p = 1.0): the distance to every kind's training images says
+    it is none of them."""
+    from skimage import data as skdata
+
+    photos = [cv2.resize(getattr(skdata, n)(), (s, s), interpolation=cv2.INTER_AREA)
+              for n in ("astronaut", "chelsea", "coffee") for s in (48, 128, 360)]
+    assert check.kinds(check.features(photos)) == [cell_kind.UNLIKE] * len(photos)
+    assert all(flagged for flagged, _ in ood.check_crops(photos, check, None))
+    assert ood.verdict(True, None, cell_kind.UNLIKE) == (True, REASONS[cell_kind.UNLIKE])

@@ -14,7 +14,8 @@ on it (a classifier's feature distance now only says "unfamiliar", see ``leukone
 - **ood**: share flagged not-a-leukocyte (finder's "no nucleus" or a kind other than leukocyte): genuine
   leukocytes of BCCD and cellavision-100 (external, never trained on), the PBC test split; held-out 30 % of
   PBC's platelets, erythroblasts and immature granulocytes; crops of held-out BCCD fields (every third) away from
-  the leukocyte boxes (``red_cells``). The check's head was fitted on the rest (``leukonet.cell_kind``).
+  the leukocyte boxes (``red_cells``); photos of other things (scikit-image's samples at 48, 128, 360 px). The
+  check's heads were fitted on the rest (``leukonet.cell_kind``).
 
 Other labs' data: ``--crops NAME=DIR`` (class-per-folder leukocyte crops) and ``--fields NAME=DIR`` (``JPEGImages/``
 + Pascal VOC ``Annotations/`` with WBC boxes) add rows under ``extra``.
@@ -209,14 +210,24 @@ def markdown(r: dict) -> str:
              f"Immature granulocytes named as such: {pct(o['immature_granulocyte_named'])}.", "",
              "Mistakes (genuine cells flagged, with the reason; negatives passed): ![check](check_mistakes.png)", "",
              "### The trade-off (the operating point was chosen on both external labs)", "",
-             "| leukocyte_min | immature_threshold | pbc_test | bccd | cellavision | platelet | erythroblast | red_cells | IG flagged | IG named |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             "| leukocyte_min | immature_threshold | pbc_test | bccd | cellavision | platelet | erythroblast | red_cells | photos | IG flagged | IG named |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              *[f"| {q['leukocyte_min']} | {q['immature_threshold']} | {pct(q['pbc_test'])} | {pct(q['bccd'])} | "
                f"{pct(q['cellavision'])} | {pct(q['platelet'])} | {pct(q['erythroblast'])} | {pct(q['red_cells'])} | "
+               f"{pct(q['photos'])} | "
                f"{pct(q['immature_granulocyte'])} | {pct(q['immature_granulocyte_named'])} |" for q in o["curve"]], ""]
     for key, row in r.get("extra", {}).items():
         lines += [f"- {key}: `{json.dumps(row)}`"]
     return "\n".join(lines) + "\n"
+
+
+def photos() -> list[np.ndarray]:
+    """Photos of other things (scikit-image's sample images), at 48, 128 and 360 px: never a leukocyte."""
+    from skimage import data as skdata
+
+    images = [getattr(skdata, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")]
+    images = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im[..., :3] for im in images]
+    return [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images for size in (48, 128, 360)]
 
 
 def folder_images(root: Path) -> list[Path]:
@@ -255,11 +266,12 @@ def main() -> None:
     negatives = {"platelet": "platelet", "erythroblast": "erythroblast", "red_cells": "no_cell",
                  "immature_granulocyte": cell_kind.IMMATURE}
     negatives = {name: Checked(cell_kind._images(held_out[kind]), check) for name, kind in negatives.items()}
+    negatives["photos"] = Checked(photos(), check)
     # each lab's profile from its own leukocytes, as predict measures it on a run of that lab's cells; PBC's
     # negatives are in the PBC lab, the red-cell crops in BCCD's
     profiles = {name: check.profile(s.features) for name, s in genuine.items()}
     lab_of = {**{n: profiles[n] for n in genuine}, "platelet": profiles["pbc_test"], "erythroblast": profiles["pbc_test"],
-              "red_cells": profiles["bccd"], "immature_granulocyte": profiles["pbc_test"]}
+              "red_cells": profiles["bccd"], "immature_granulocyte": profiles["pbc_test"], "photos": profiles["pbc_test"]}
     details = {"genuine_flagged": {n: rate_flagged(n, s, check, lab_of[n], ood_misses, False) for n, s in genuine.items()},
                "negatives_flagged": {n: rate_flagged(n, s, check, lab_of[n], ood_misses, True) for n, s in negatives.items()}}
     results["ood"] = {key: {n: row["rate"] for n, row in rows.items()} for key, rows in details.items()}
