@@ -17,7 +17,7 @@ from leukonet.adapt import batchnorm, label_shift
 from leukonet.adapt.head import pseudo_labels
 from leukonet.adapt.run import adapt as run_adapt
 from leukonet.adapt.suggest import rank
-from leukonet.cell_kind import PROFILE_KEY
+from leukonet.cell_kind import FEATURES, PROFILE_KEY
 from leukonet.classes import CLASSES
 from leukonet.errors import DataError
 from leukonet.model import CellClassifier
@@ -164,7 +164,7 @@ def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Pa
     adapted = torch.load(out / "adapted.ckpt", weights_only=True)
     original = torch.load(ckpt, weights_only=True)
     assert adapted["adaptation"]["checkpoint"] == str(ckpt) and "ood" in adapted
-    assert adapted[PROFILE_KEY].shape == (1280,) and report["cell_kind_profile_cells"] == 40  # the lab's profile
+    assert adapted[PROFILE_KEY].shape == (FEATURES,) and report["cell_kind_profile_cells"] == 40  # the lab's profile
     changed = [k for k in original["state_dict"] if not torch.equal(original["state_dict"][k], adapted["state_dict"][k])]
     assert any("running_mean" in k for k in changed) and any(k.startswith("head.") for k in changed)
 
