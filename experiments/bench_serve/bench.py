@@ -39,6 +39,9 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from leukonet.provenance import portable_text  # noqa: E402
 TINY = ["model.backbone=test_efficientnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=16",
         "data.num_workers=0", "callbacks.two_phase.phase1.max_epochs=2", "callbacks.two_phase.phase2.max_epochs=2",
         "~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -70,7 +73,6 @@ def cell_files(cells: str | None, n: int, work: Path) -> tuple[list[Path], list[
     if cells is None and pbc.is_dir():
         cells = str(pbc)
     if cells is None:
-        sys.path.insert(0, str(REPO))
         from leukonet.data.synthetic import generate_dataset
 
         cells = str(generate_dataset(work / "synthetic", n_per_class=-(-2 * n // 5), size=128, seed=0))
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join([".venv/bin/python", "experiments/bench_serve/bench.py",
                                *(argv if argv is not None else sys.argv[1:])]),
         "model": str(args.ckpt) if args.ckpt else "tiny: timm test_efficientnet, 32 px, trained on synthetic cells",
-        "cells_from": source, "fields": "false (one file, one cell)", "explain": True,
+        "cells_from": portable_text(source, REPO), "fields": "false (one file, one cell)", "explain": True,
         "clients": args.clients, "cells_per_client": args.per_client, "files_per_request": args.per_request,
         "cells_sent": n, "cells_stored": stored, "cases_complete": sum(v == args.per_client for v in listed.values()),
         "requests": len(lat), "failed_requests": load["failures"],
@@ -256,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
 
 {results['clients']} clients at once, each its own case, {results['cells_per_client']} cells each in requests of
 {results['files_per_request']} files ({results['cells_from']}; model: {results['model']}; Grad-CAM on;
-{results['machine']['cpu']}, {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}; 1-minute load
-average {results['load_average_1min']['before']} before, {results['load_average_1min']['after']} after: other work
-shared the CPUs).
+{results['machine']['cpu']}, {results['machine']['cpus']} CPUs, AVX512-BF16 {results['machine']['avx512_bf16']}, torch
+{results['machine']['torch']}; 1-minute load average {results['load_average_1min']['before']} before the run (above
+about 1, other work shared the CPUs), {results['load_average_1min']['after']} after).
 
 | cells sent | cells stored | cases complete | p50 | p95 | max | cells/s |
 |---:|---:|---:|---:|---:|---:|---:|
