@@ -20,6 +20,7 @@ from leukonet.data.cells import (
     main_cell,
     prepare_fields,
     red_cell_width,
+    single_cell,
     size_unit,
     synthetic_field,
 )
@@ -175,3 +176,24 @@ def test_real_crops(real_data: Path) -> None:
     print(f"\nexactly one cell near the centre: PBC {pbc:.2f}, BCCD {bccd:.2f} (50 crops each)")
     assert pbc >= 0.9
     assert bccd >= 0.3  # another lab, tight crops: cells fill the frame and often run off it
+
+
+def test_a_cell_cut_by_the_fields_edge_is_found_and_marked() -> None:
+    field, (truth,) = synthetic_field(np.random.default_rng(3), n_cells=1, labels=["neutrophil"])
+    whole = find_cells(field)
+    assert len(whole) == 1 and not whole[0].cut
+    cut = field[:, : int(truth.x + 0.4 * truth.radius)]  # the edge runs through the nucleus
+    (found,) = [c for c in find_cells(cut) if abs(c.y - truth.y) < truth.radius]
+    assert found.cut and found.x < cut.shape[1]
+
+
+def test_single_cell_tells_a_crop_from_a_field() -> None:
+    image = np.zeros((100, 100, 3), np.uint8)
+    main = Cell(50, 52, 20)
+    assert single_cell(image, [main]) is main
+    assert single_cell(image, [main, Cell(97, 50, 18, cut=True)]) is main  # a neighbour cut by the crop's edge
+    assert single_cell(image, [main, Cell(50, 88, 15)]) is main  # next to it: a neighbour, or a split lobe
+    assert single_cell(image, [Cell(50, 50, 15), Cell(90, 90, 12)]) is None  # another whole cell apart: a field
+    assert single_cell(image, [Cell(50, 50, 6)]) is None  # far smaller than a crop's cell: a field
+    assert single_cell(image, [Cell(90, 50, 20)]) is None  # off the centre: a field
+    assert single_cell(image, []) is None
