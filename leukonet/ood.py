@@ -126,10 +126,10 @@ def score(feats: torch.Tensor | None, stats: dict[str, torch.Tensor] | None) -> 
     return (distance(feats, stats) / float(stats["threshold"])).numpy()
 
 
-def verdict(nucleus: bool, ood_score: float | None, kind: str | None = None) -> tuple[bool, str]:
+def verdict(nucleus: bool, kind: str | None = None) -> tuple[bool, str]:
     """``(not_a_leukocyte, reason)`` from the cell finder and the cell-kind check (``leukonet.cell_kind``; None:
-    not run). The feature distance (``ood_score``) no longer flags: a leukocyte of another lab is unfamiliar and
-    still a leukocyte; it is reported beside the count (``unfamiliar``) as a reason to adapt the model."""
+    not run). The feature distance does not enter: a leukocyte of another lab is unfamiliar (``unfamiliar``) and
+    still a leukocyte, a reason to adapt the model."""
     if not nucleus:
         return True, "no nucleus"
     if kind is not None and kind != "leukocyte":
@@ -149,7 +149,7 @@ def check_crops(images: Sequence[np.ndarray], cell_kind=None, lab: np.ndarray | 
             with_nucleus = feats[np.array(nuclei, bool)]
             lab = cell_kind.profile(with_nucleus) if len(with_nucleus) >= LAB_MIN_CELLS else None
         kinds = cell_kind.kinds(feats, lab)
-    return [verdict(n, None, k) for n, k in zip(nuclei, kinds)]
+    return [verdict(n, k) for n, k in zip(nuclei, kinds)]
 
 
 def summary(verdicts: Sequence[tuple[bool, str]]) -> dict:

@@ -171,7 +171,7 @@ def assess(predictor, cells: list[Cell], kind_features: np.ndarray | None = None
     out = []
     for i, (nucleus, kind) in enumerate(zip(nuclei, kinds)):
         s = None if scores is None else round(float(scores[i]), 4)
-        flagged, reason = ood.verdict(nucleus, s, kind)
+        flagged, reason = ood.verdict(nucleus, kind)
         out.append({"ood_score": s, "not_a_leukocyte": flagged, "ood_reason": reason, "unfamiliar": ood.unfamiliar(s),
                     "nucleus": nucleus})
     return probs, out
@@ -353,7 +353,7 @@ def _lab_profile_of_run(predictor, assessed: list) -> str:
     for _, _, checks, f, _ in assessed:
         kinds = predictor.cell_kind.kinds(f, lab)
         for check, kind in zip(checks, kinds):
-            check["not_a_leukocyte"], check["ood_reason"] = ood.verdict(check["nucleus"], check["ood_score"], kind)
+            check["not_a_leukocyte"], check["ood_reason"] = ood.verdict(check["nucleus"], kind)
     return f"this run's {len(feats)} cells with a nucleus"
 
 

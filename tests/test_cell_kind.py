@@ -42,12 +42,12 @@ def test_a_lab_profile_removes_the_lab_shift(check: CellKind) -> None:
 
 
 def test_verdict_reasons_and_unfamiliar_cells_are_counted() -> None:
-    assert ood.verdict(False, 5.0, "leukocyte") == (True, "no nucleus")
-    assert ood.verdict(True, 5.0, "leukocyte") == (False, "")  # another lab's leukocyte: unfamiliar, still counted
+    assert ood.verdict(False, "leukocyte") == (True, "no nucleus")
+    assert ood.verdict(True, "leukocyte") == (False, "")  # another lab's leukocyte: unfamiliar, still counted
     assert ood.unfamiliar(5.0) and not ood.unfamiliar(0.5) and not ood.unfamiliar(None)
     for kind in ("erythroblast", "platelet", "no_cell", IMMATURE):
-        assert ood.verdict(True, 0.1, kind) == (True, REASONS[kind])
-    assert ood.verdict(True, None, None) == (False, "")  # the kind check not run: the finder alone
+        assert ood.verdict(True, kind) == (True, REASONS[kind])
+    assert ood.verdict(True, None) == (False, "")  # the kind check not run: the finder alone
     assert ood.summary([(True, "a"), (False, ""), (True, "a")]) == {"checked": 3, "flagged": 2, "rate": 2 / 3,
                                                                      "by_reason": {"a": 2}}
 
@@ -101,4 +101,4 @@ def test_photos_are_unlike_any_kind_of_cell(check: CellKind) -> None:
               for n in ("astronaut", "chelsea", "coffee") for s in (48, 128, 360)]
     assert check.kinds(check.features(photos)) == [cell_kind.UNLIKE] * len(photos)
     assert all(flagged for flagged, _ in ood.check_crops(photos, check, None))
-    assert ood.verdict(True, None, cell_kind.UNLIKE) == (True, REASONS[cell_kind.UNLIKE])
+    assert ood.verdict(True, cell_kind.UNLIKE) == (True, REASONS[cell_kind.UNLIKE])

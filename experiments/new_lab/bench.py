@@ -138,7 +138,7 @@ class Checked:
 
 def verdicts(s: Checked, check, lab, **point) -> list[tuple[bool, str]]:
     """What predict decides for each image (``ood.verdict``) at an operating point of the cell-kind check."""
-    return [ood.verdict(n, None, k) for n, k in zip(s.nucleus, check.kinds(s.features, lab, **point))]
+    return [ood.verdict(n, k) for n, k in zip(s.nucleus, check.kinds(s.features, lab, **point))]
 
 
 def rate_flagged(name: str, s: Checked, check, lab, sheet: list, want: bool) -> dict:
