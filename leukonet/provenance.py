@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 
+from leukonet.resolvers import best_precision
+
 
 def machine() -> str:
     """CPU model, cores, memory and accelerator, in one line."""
@@ -25,7 +27,9 @@ def machine() -> str:
     except (ValueError, OSError, AttributeError):
         mem = ""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    # precision: CPUs with and without bf16 differ several times in training speed
+    return (f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"precision {best_precision()}")
 
 
 def command(module: str) -> str:

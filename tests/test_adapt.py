@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg, run_module
-from leukonet.adapt import batchnorm, label_shift
+from leukonet.adapt import batchnorm, label_shift, network
 from leukonet.adapt.head import pseudo_labels
 from leukonet.adapt.run import adapt as run_adapt
 from leukonet.adapt.suggest import rank
@@ -113,6 +113,58 @@ def test_pseudo_labels_are_class_balanced_and_confident() -> None:
     assert pseudo_labels(probs, share=1.0, min_confidence=0.58).tolist() == [0, 0, 0, 0, -1, 1]
 
 
+def lab_batches(n: int = 40) -> tuple[tuple[torch.Tensor, np.ndarray], torch.Tensor, np.ndarray]:
+    """Training cells (dark or light, labelled 0 / 1) and another lab's (tinted), whose true class is again
+    dark or light."""
+    dark, light = images(n, 0).div(3).to(torch.uint8), images(n, 1).clamp(150, 255)
+    lab = torch.cat([images(n, 2, (-20, 10, 40)).div(3).to(torch.uint8), images(n, 3, (-20, 10, 40)).clamp(150, 255)])
+    return (torch.cat([dark, light]), np.repeat([0, 1], n)), lab, np.repeat([0, 1], n)
+
+
+def bn_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+
+
+def test_fine_tuning_on_labels_learns_the_labs_cells_and_keeps_the_training_statistics() -> None:
+    model = tiny_model()
+    source, lab, truth = lab_batches()
+    stats = bn_state(model)
+    labels = np.full(len(lab), -1)
+    labels[[0, 1, 2, 40, 41, 42]] = truth[[0, 1, 2, 40, 41, 42]]  # three labelled cells a class
+    before = model(lab.float()).argmax(1).numpy()
+    report = network.tune(model, source, lab, labels, network.NetworkTuning("labels", steps=40, lr=1e-2, backbone_lr=1e-3), 0)
+    with torch.no_grad():
+        after = model(lab.float()).argmax(1).numpy()
+    assert report["objective"] == "labels" and report["cells"] == 6 and report["loss_last"] < report["loss_first"]
+    assert (after == truth).mean() > max(0.9, (before == truth).mean())
+    assert all(torch.equal(stats[k], v) for k, v in bn_state(model).items() if "running" in k)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_entropy_tuning_moves_only_the_batchnorm_scale_and_shift() -> None:
+    model = tiny_model()
+    source, lab, _ = lab_batches()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    norm_params = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    report = network.tune(model, source, lab, np.full(len(lab), -1), network.NetworkTuning("entropy", steps=10), 0)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(weights[k], v)}
+    assert report["objective"] == "entropy" and changed
+    assert all(k.rsplit(".", 1)[0] in norm_params and k.endswith(("weight", "bias")) for k in changed), changed
+
+
+def test_a_network_step_without_what_it_needs_does_nothing() -> None:
+    model = tiny_model()
+    source, lab, _ = lab_batches(8)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    assert network.tune(model, source, lab, np.full(len(lab), -1), network.NetworkTuning("labels"), 0)["skipped"]
+    few = np.full(len(lab), -1)
+    few[:3] = 0
+    assert "fewer than" in network.tune(model, source, lab, few, network.NetworkTuning("labels", min_labelled=4), 0)["skipped"]
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="objective"):
+        network.tune(model, source, lab, np.full(len(lab), -1), network.NetworkTuning("sgd"), 0)
+
+
 def test_suggestions_cover_every_kind_of_cell() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 16)) * 5
@@ -152,6 +204,7 @@ def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Pa
         writer.writerows([f"lab/{p.name}", p.name.split("_")[0]] for p in labelled)
     out = tmp_path / "adapted"
     proc = adapt(ckpt, out, f"target.root={lab}", f"target.labels={labels}", "method=bn_map_self_train",
+                 "+method.network={objective: labels, steps: 3, batch: 4}",  # the whole network too (briefly)
                  "calibration.min_labelled=5")  # 10 labelled cells: the temperature is refitted on them
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "adaptation.json").read_text())
@@ -159,14 +212,17 @@ def test_adapt_writes_a_checkpoint_that_evaluate_and_predict_use(trained_run: Pa
     assert abs(sum(report["estimated_proportions"].values()) - 1) < 1e-6
     assert set(report["class_mix_after"]) == set(CLASSES) and 0 <= report["changed_class"] <= 40
     assert report["self_training"][0]["labelled"] == len(labelled)
+    assert report["network"] == {**report["network"], "objective": "labels", "steps": 3, "cells": len(labelled)}
     assert report["calibration"]["refitted_on"].startswith("10 labelled cells") and report["calibration"]["n"] == 10
     assert "adapted to the 40 cells" in (out / "adaptation.md").read_text()
+    assert f"whole network: fine-tuned on {len(labelled)} cells, 3 steps" in (out / "adaptation.md").read_text()
     adapted = torch.load(out / "adapted.ckpt", weights_only=True)
     original = torch.load(ckpt, weights_only=True)
     assert adapted["adaptation"]["checkpoint"] == str(ckpt) and "ood" in adapted
     assert adapted[PROFILE_KEY].shape == (FEATURES,) and report["cell_kind_profile_cells"] == 40  # the lab's profile
     changed = [k for k in original["state_dict"] if not torch.equal(original["state_dict"][k], adapted["state_dict"][k])]
     assert any("running_mean" in k for k in changed) and any(k.startswith("head.") for k in changed)
+    assert any(k.startswith("backbone.") and k.endswith("conv.weight") for k in changed)  # fine-tuned, not only the head
 
     evaluated = run_module("leukonet.evaluate", f"ckpt_path={out / 'adapted.ckpt'}", f"data.root={cells}",
                            f"hydra.run.dir={tmp_path / 'eval'}", "data.num_workers=0")
@@ -225,7 +281,8 @@ def test_suggest_writes_the_cells_to_label_and_a_contact_sheet(trained_run: Path
     assert rows[0]["path"] not in (tmp_path / "s2" / "to_label.csv").read_text()
 
 
-@pytest.mark.parametrize("case", ["empty", "too_few", "unknown_file", "unknown_class", "training_set", "stain_norm"])
+@pytest.mark.parametrize("case", ["empty", "too_few", "unknown_file", "unknown_class", "training_set", "stain_norm",
+                                  "objective"])
 def test_bad_input_is_named_and_nothing_is_written(case: str, trained_run: Path, cells: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     lab = tmp_path / "lab"
@@ -247,9 +304,11 @@ def test_bad_input_is_named_and_nothing_is_written(case: str, trained_run: Path,
         state["hyper_parameters"]["stain_norm"] = "reinhard"
         ckpt = tmp_path / "reinhard.ckpt"
         torch.save(state, ckpt)
+    if case == "objective":
+        extra.append("+method.network.objective=sgd")
     expected = {"empty": "holds no image files", "too_few": "needs at least 20", "unknown_file": "not among the target",
                 "unknown_class": "name no class we know", "training_set": "own training cells",
-                "stain_norm": "normalises stains"}[case]
+                "stain_norm": "normalises stains", "objective": "method.network.objective must be one of"}[case]
     cfg = compose_cfg("adapt", [f"ckpt_path={ckpt}", f"target.root={lab}", "min_cells=20", *extra], tmp_path / "out")
     with pytest.raises(DataError, match=expected):
         run_adapt(cfg)

@@ -42,7 +42,7 @@ from ablation import data_folder  # noqa: E402
 from leukonet import ood  # noqa: E402
 from leukonet.adapt import batchnorm  # noqa: E402
 from leukonet.adapt.cells import Cells, decode, per_class, source_cells  # noqa: E402
-from leukonet.adapt.run import adapt_batchnorm, fit_to_lab, probabilities  # noqa: E402
+from leukonet.adapt.run import adapt_batchnorm, fit_to_lab, probabilities, tune_network  # noqa: E402
 from leukonet.adapt.suggest import rank  # noqa: E402
 from leukonet.calibration import expected_calibration_error, retained  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
@@ -55,7 +55,8 @@ from leukonet.provenance import machine, portable_path, portable_text  # noqa: E
 METHODS = {  # label-free rows: name -> method config (conf/method/*.yaml)
     name: OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
     for name in ("none", "adabn", "bn_map", "self_train", "prior", "bn_map_self_train", "bn_map_center",
-                 "bn_map_center_self_train", "self_train_prior", "bn_map_center_prior")
+                 "bn_map_center_self_train", "self_train_prior", "bn_map_center_prior", "tent", "finetune",
+                 "finetune_self_train")
 }
 TARGETS = {"bccd": "bccd-crops", "cellavision": "cellavision-100"}
 KS = (1, 3, 5, 10)
@@ -94,16 +95,20 @@ def scores(model, feats: torch.Tensor, y: np.ndarray) -> dict:
 
 
 class Adapted:
-    """The checkpoint after one BatchNorm step on some of the lab's cells, with every feature the rows need computed
-    once: the training cells', the cells adapted on, the held-out half's and PBC's test split's. Each row then
-    fits the head, calibration and class mix on a copy (``leukonet.adapt.run.fit_to_lab``, what the command runs)."""
+    """The checkpoint after one backbone step (BatchNorm, then the whole-network step if the method has one) on some
+    of the lab's cells, with every feature the rows need computed once: the training cells', the cells adapted on,
+    the held-out half's and PBC's test split's. Each row then fits the head, calibration and class mix on a copy
+    (``leukonet.adapt.run.fit_to_lab``, what the command runs)."""
 
-    def __init__(self, original, source: Cells, on: Cells, test: Cells, pbc: Cells, bn: tuple, before: np.ndarray,
-                 moments: dict) -> None:
+    def __init__(self, original, source: Cells, on: Cells, test: Cells, pbc: Cells, step: tuple, before: np.ndarray,
+                 moments: dict, labels: np.ndarray | None = None, seed: int = 0) -> None:
         started = time.perf_counter()
         self.model = copy.deepcopy(original)
-        mode, center = bn
+        mode, center, net = step
         adapt_batchnorm(self.model, source, on, mode, moments.get(center), center)  # training cells' moments: once
+        if net is not None:
+            labels = np.full(len(on), -1) if labels is None else labels
+            tune_network(self.model, source, on, labels, OmegaConf.create({"network": json.loads(net)}), seed)
         self.source = (ood.features(self.model, source.images), source.labels)
         self.on = ood.features(self.model, on.images)
         self.seconds = time.perf_counter() - started  # what adaptation itself spends on the backbone
@@ -121,9 +126,13 @@ class Adapted:
                 "estimated_proportions": summary["estimated_proportions"]}
 
 
-def bn_step(method: dict) -> tuple[str, float | None]:
-    """What a method does to the backbone: its BatchNorm mode and the centre share of its moments."""
-    return method["bn"], method.get("bn_center") if method["bn"] == "map" else None
+def bn_step(method: dict, labelled: bool = False) -> tuple[str, float | None, str | None]:
+    """What a method does to the backbone: its BatchNorm mode, the centre share of its moments, and its network step
+    (as JSON; None where there is none, or where it needs labels and ``labelled`` is false: then it does nothing)."""
+    net = method.get("network") or {}
+    objective = net.get("objective", "none")
+    active = objective != "none" and (labelled or objective != "labels")
+    return method["bn"], method.get("bn_center") if method["bn"] == "map" else None, json.dumps(net, sort_keys=True) if active else None
 
 
 def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) -> dict:
@@ -131,7 +140,7 @@ def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) ->
     groups = duplicate_groups(root, entries)
     all_feats = ood.features(model, cells.images)
     steps = sorted({bn_step(METHODS[m]) for m in [*args.methods, *args.labelled_methods]}, key=str)
-    moments = {c: batchnorm.input_moments(model, source.images, c) for c in {c for b, c in steps if b == "map"}}
+    moments = {c: batchnorm.input_moments(model, source.images, c) for c in {c for b, c, _ in steps if b == "map"}}
     rows: dict[str, list[dict]] = {}
 
     def add(key: str, adapted: Adapted, method: dict, labels: np.ndarray, seed: int) -> None:
@@ -160,12 +169,15 @@ def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) ->
             labelled_cfg = METHODS[labelled_method]
             free = adapted[bn_step(labelled_cfg)]
             ranked = rank(free.on, probabilities(free.model, free.on), len(pool), seed)
+            tuned = bn_step(labelled_cfg, labelled=True)
             for k in args.ks:
                 budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
                 for strategy, chosen in (("random", per_class(pool.labels, k, seed)), ("suggest", np.array(ranked[:budget]))):
                     labels = np.full(len(pool), -1)
                     labels[chosen] = pool.labels[chosen]
-                    add(f"k{k}/{strategy}/{labelled_method}", free, labelled_cfg, labels, seed)
+                    on = free if tuned == bn_step(labelled_cfg) else Adapted(  # the network tuned on these labels
+                        model, source, pool, test, pbc, tuned, before, moments, labels, seed)
+                    add(f"k{k}/{strategy}/{labelled_method}", on, labelled_cfg, labels, seed)
     return rows
 
 
@@ -228,7 +240,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=None, help="the folder with pbc-2500/, bccd-crops/, cellavision-100/")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--transductive", nargs="+", default=["self_train", "bn_map_center_self_train"], choices=list(METHODS),
+    p.add_argument("--transductive", nargs="*", default=["self_train", "bn_map_center_self_train"], choices=list(METHODS),
                    help="methods also run on the pool and the test cells together (unlabelled)")
     p.add_argument("--ks", type=int, nargs="+", default=list(KS))
     p.add_argument("--labelled-methods", nargs="+", default=["self_train", "bn_map_center_self_train"], choices=list(METHODS),

@@ -1,7 +1,8 @@
 """Adapt a trained checkpoint to a new lab and write the adapted checkpoint with a report of what changed.
 
 The steps, each set by the method (``conf/method/``): BatchNorm statistics (``bn``: none, adabn or map,
-``leukonet.adapt.batchnorm``); the head re-fitted on the lab's labelled and/or confident cells with the
+``leukonet.adapt.batchnorm``); the whole network tuned (``network``: on the lab's labelled cells, or TENT's
+entropy on its unlabelled ones, ``leukonet.adapt.network``); the head re-fitted on the lab's labelled and/or confident cells with the
 training cells kept in the mix (``self_train``, ``leukonet.adapt.head``); the lab's class mix estimated by EM
 and, with ``prior: true``, applied (``leukonet.adapt.label_shift``). Then the calibration (refitted on the
 lab's labelled cells when there are enough) and the not-a-leukocyte statistics (class means of the training
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from leukonet import ood
-from leukonet.adapt import batchnorm, head, label_shift
+from leukonet.adapt import batchnorm, head, label_shift, network
 from leukonet.adapt.cells import Cells, copies_of_training, read_labels, source_cells, target_cells
 from leukonet.calibration import calibrate
 from leukonet.cell_kind import IMAGE_SIZE, PROFILE_KEY, CellKind
@@ -52,10 +53,15 @@ def adapt_model(model: CellClassifier, train: Cells, target: Cells, labels: np.n
     before = probabilities(model, before_feats)
     adapt_batchnorm(model, train, target, str(method.get("bn", "none")), center=method.get("bn_center"))
     bn_s = time.perf_counter() - t0
-    tgt = before_feats if method.get("bn", "none") == "none" else ood.features(model, target.images)
+    tuned = tune_network(model, train, target, labels, method, seed)
+    net_s = time.perf_counter() - t0 - bn_s
+    changed = method.get("bn", "none") != "none" or tuned["objective"] != "none"
+    tgt = ood.features(model, target.images) if changed else before_feats
     src = ood.features(model, train.images)
     summary, stats = fit_to_lab(model, (src, train.labels), tgt, labels, method, before, min_labelled, target_accuracy, seed)
-    summary["timings"] = {"batchnorm_s": round(bn_s, 1), "total_s": round(time.perf_counter() - t0, 1)}
+    summary["network"] = tuned
+    summary["timings"] = {"batchnorm_s": round(bn_s, 1), "network_s": round(net_s, 1),
+                          "total_s": round(time.perf_counter() - t0, 1)}
     return summary, stats
 
 
@@ -70,6 +76,13 @@ def adapt_batchnorm(model: CellClassifier, train: Cells, target: Cells, bn: str,
         batchnorm.adabn(model, target.images)
     elif bn == "map":
         batchnorm.map_to_source(model, target.images, moments or batchnorm.input_moments(model, train.images, center), center)
+
+
+def tune_network(model: CellClassifier, train: Cells, target: Cells, labels: np.ndarray, method: DictConfig,
+                 seed: int = 0) -> dict:
+    """The whole-network step (``leukonet.adapt.network``): the method's ``network`` entry, none by default."""
+    cfg = network.NetworkTuning(**OmegaConf.to_container(method.get("network") or OmegaConf.create({}), resolve=True))
+    return network.tune(model, (train.images, train.labels), target.images, labels, cfg, seed)
 
 
 def fit_to_lab(model: CellClassifier, source: tuple[torch.Tensor, np.ndarray], tgt: torch.Tensor, labels: np.ndarray,
@@ -135,6 +148,9 @@ def adapt(cfg: DictConfig) -> dict:
     ckpt_path = Path(cfg.ckpt_path)
     if cfg.method.get("bn", "none") not in BN_MODES:
         raise DataError(f"method.bn must be one of {BN_MODES}, got {cfg.method.get('bn')!r}")
+    objective = (cfg.method.get("network") or {}).get("objective", "none")
+    if objective not in network.OBJECTIVES:
+        raise DataError(f"method.network.objective must be one of {network.OBJECTIVES}, got {objective!r}")
     if not ckpt_path.is_file():
         raise DataError(f"ckpt_path={ckpt_path} does not exist")
     out_dir = Path(cfg.paths.output_dir)
@@ -182,6 +198,16 @@ def lab_profile(paths: list[Path]) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(CellKind.profile(CellKind.features(images))).float(), len(images)
 
 
+def network_line(tuned: dict) -> str:
+    """The report's line on the whole-network step."""
+    if tuned.get("objective", "none") == "none":
+        return "not tuned"
+    if tuned.get("skipped"):
+        return f"not tuned ({tuned['skipped']})"
+    what = "fine-tuned on" if tuned["objective"] == "labels" else "BatchNorm scale and shift tuned (entropy) on"
+    return f"{what} {tuned['cells']} cells, {tuned['steps']} steps, loss {tuned['loss_first']} -> {tuned['loss_last']}"
+
+
 def write_report(out_dir: Path, summary: dict) -> None:
     """``adaptation.json`` and ``adaptation.md`` in ``out_dir``, and the same table on the terminal."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +229,7 @@ def write_report(out_dir: Path, summary: dict) -> None:
              f"{cal['review_threshold'] if cal['review_threshold'] is None else round(cal['review_threshold'], 4)}; "
              + (f"refitted on {cal['refitted_on']}" if cal["refitted_on"] else cal["note"]),
              f"- not-a-leukocyte threshold: {summary['ood_threshold']['from']}",
+             f"- whole network: {network_line(summary.get('network') or {})}",
              f"- self-training rounds: {json.dumps(summary['self_training'])}",
              f"- unreadable files skipped: {len(summary['unreadable'])}",
              f"- wall time {summary['wall_s']} s on {summary['machine']}", "",
