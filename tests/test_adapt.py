@@ -305,7 +305,7 @@ def test_bad_input_is_named_and_nothing_is_written(case: str, trained_run: Path,
         ckpt = tmp_path / "reinhard.ckpt"
         torch.save(state, ckpt)
     if case == "objective":
-        extra.append("+method.network.objective=sgd")
+        extra.append("++method.network.objective=sgd")
     expected = {"empty": "holds no image files", "too_few": "needs at least 20", "unknown_file": "not among the target",
                 "unknown_class": "name no class we know", "training_set": "own training cells",
                 "stain_norm": "normalises stains", "objective": "method.network.objective must be one of"}[case]

@@ -348,3 +348,20 @@ def test_bench_serve_counts_every_cell_and_checks_the_database_after_kill_9(trai
     assert kill9["intact"] and kill9["integrity_check"] == "ok" and kill9["upload_after_restart_status"] == 200
     assert kill9["requests_answered_before_kill"] >= 1 and kill9["acknowledged_cells_missing"] == 0
     assert (tmp_path / "results.md").is_file()
+
+
+def test_adapt_bench_recommends_what_holds_on_every_lab() -> None:
+    """experiments/adapt/bench.py's choice: label-free, the method whose worse lab gains most (not the best mean);
+    labelled, the best balanced accuracy over well-populated classes at k = 10 suggested."""
+    bench = load_script(REPO / "experiments" / "adapt" / "bench.py")
+
+    def row(bal: float, bal10: float = 0.5) -> dict:
+        return {"balanced_accuracy": bal, "balanced_accuracy_10": bal10, "pbc_test_accuracy": 0.9}
+
+    table = {t: {"none": row(0.6), "swing/inductive": row(0.3 if t == "bccd" else 0.95),  # best mean, ruins one lab
+                 "steady/inductive": row(0.58),
+                 "k10/random/head": row(0.7), "k10/suggest/head": row(0.8, 0.6),  # basophils flatter the head
+                 "k10/random/net": row(0.7), "k10/suggest/net": row(0.7, 0.75)} for t in bench.TARGETS}
+    chosen = bench.choose(table)
+    assert chosen["best_unsupervised"]["method"] == "steady" and chosen["labelled_method"] == "net"
+    assert chosen["k10"]["suggest"]["bccd"] is table["bccd"]["k10/suggest/net"]
