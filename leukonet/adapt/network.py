@@ -73,7 +73,7 @@ def tune(model, source: tuple[torch.Tensor, np.ndarray], target: torch.Tensor, l
     g = torch.Generator().manual_seed(seed)
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if cfg.objective == "labels":
-        backbone = [p for p in model.backbone.parameters()]
+        backbone = list(model.backbone.parameters())
         groups = [{"params": backbone, "lr": cfg.backbone_lr}, {"params": list(model.head.parameters()), "lr": cfg.lr}]
         trainable = backbone + groups[1]["params"]
     else:
