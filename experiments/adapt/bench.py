@@ -126,7 +126,7 @@ class Adapted:
                 "estimated_proportions": summary["estimated_proportions"]}
 
 
-def bn_step(method: dict, labelled: bool = False) -> tuple[str, float | None, str | None]:
+def backbone_step(method: dict, labelled: bool = False) -> tuple[str, float | None, str | None]:
     """What a method does to the backbone: its BatchNorm mode, the centre share of its moments, and its network step
     (as JSON; None where there is none, or where it needs labels and ``labelled`` is false: then it does nothing)."""
     net = method.get("network") or {}
@@ -139,7 +139,7 @@ def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) ->
     cells, entries = labelled_cells(root, model.hparams.image_size)
     groups = duplicate_groups(root, entries)
     all_feats = ood.features(model, cells.images)
-    steps = sorted({bn_step(METHODS[m]) for m in [*args.methods, *args.labelled_methods]}, key=str)
+    steps = sorted({backbone_step(METHODS[m]) for m in [*args.methods, *args.labelled_methods]}, key=str)
     moments = {c: batchnorm.input_moments(model, source.images, c) for c in {c for b, c, _ in steps if b == "map"}}
     rows: dict[str, list[dict]] = {}
 
@@ -156,26 +156,26 @@ def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) ->
         adapted = {bn: Adapted(model, source, pool, test, pbc, bn, before, moments) for bn in steps}
         for method in args.methods:  # inductive: the pool's cells, unlabelled
             cfg = METHODS[method]
-            add(method if method == "none" else f"{method}/inductive", adapted[bn_step(cfg)], cfg, np.full(len(pool), -1), seed)
+            add(method if method == "none" else f"{method}/inductive", adapted[backbone_step(cfg)], cfg, np.full(len(pool), -1), seed)
         # transductive (pool and test cells, unlabelled), for the methods named
         before_both = probabilities(model, all_feats[torch.as_tensor(np.concatenate([pool_i, test_i]))])
-        for bn in {bn_step(METHODS[m]) for m in args.transductive}:
+        for bn in {backbone_step(METHODS[m]) for m in args.transductive}:
             on_both = Adapted(model, source, both, test, pbc, bn, before_both, moments)
-            for method in (m for m in args.transductive if bn_step(METHODS[m]) == bn):
+            for method in (m for m in args.transductive if backbone_step(METHODS[m]) == bn):
                 add(f"{method}/transductive", on_both, METHODS[method], np.full(len(both), -1), seed)
         # which cells to label: ranked on the features of the checkpoint adapted without labels (the labelled
         # method's BatchNorm step on the pool)
         for labelled_method in args.labelled_methods:
             labelled_cfg = METHODS[labelled_method]
-            free = adapted[bn_step(labelled_cfg)]
+            free = adapted[backbone_step(labelled_cfg)]
             ranked = rank(free.on, probabilities(free.model, free.on), len(pool), seed)
-            tuned = bn_step(labelled_cfg, labelled=True)
+            tuned = backbone_step(labelled_cfg, labelled=True)
             for k in args.ks:
                 budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
                 for strategy, chosen in (("random", per_class(pool.labels, k, seed)), ("suggest", np.array(ranked[:budget]))):
                     labels = np.full(len(pool), -1)
                     labels[chosen] = pool.labels[chosen]
-                    on = free if tuned == bn_step(labelled_cfg) else Adapted(  # the network tuned on these labels
+                    on = free if tuned == backbone_step(labelled_cfg) else Adapted(  # the network tuned on these labels
                         model, source, pool, test, pbc, tuned, before, moments, labels, seed)
                     add(f"k{k}/{strategy}/{labelled_method}", on, labelled_cfg, labels, seed)
     return rows

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from leukonet.cell_kind import _pooled, zoomed
+from leukonet.cell_kind import features
 from leukonet.classes import CLASSES
 
 HERE = Path(__file__).parent
@@ -35,12 +34,10 @@ def load(paths):
     return out
 
 
-@torch.inference_mode()
 def feats(paths):
-    ims = [im for im in load(paths)]
+    ims = load(paths)
     keep = [i for i, im in enumerate(ims) if im is not None]
-    ims = [ims[i] for i in keep]
-    return keep, np.concatenate([_pooled(ims, 32), _pooled([zoomed(im) for im in ims], 32)], axis=1)
+    return keep, features([ims[i] for i in keep], 32)  # the cell-kind check's two views, side by side
 
 
 def main():
