@@ -6,7 +6,7 @@ one split of that file (``split=test`` by default). Writes the same report as tr
 Several named datasets at once: ``+domains.NAME.root=DIR`` (or ``.manifest=CSV``, with optional
 ``.split_file`` and ``.split``) for each; every domain gets its report in ``NAME/`` and the run directory
 ``domains.json`` / ``domains.md``: one row per domain and the worst one (lowest balanced accuracy).
-``tta=flips|d4`` averages the probabilities over flipped / rotated copies (``leukonet.tta``).
+``tta=flips|d4`` averages the probabilities over flipped / rotated copies (``leukonet.inference.tta``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from leukonet import ood
-from leukonet.cell_kind import CellKind
 from leukonet.data.folder import load_rgb
 from leukonet.errors import DataError, exit_on_user_error
-from leukonet.explain import explainer
-from leukonet.model import CellClassifier
+from leukonet.inference import ood
+from leukonet.inference.cell_kind import CellKind
+from leukonet.inference.explain import explainer
+from leukonet.inference.report import confusion_table, write_report
+from leukonet.inference.tta import TTAPredictor, average, check_mode
 from leukonet.provenance import command, machine
-from leukonet.report import confusion_table, write_report
 from leukonet.train import CONF
-from leukonet.tta import TTAPredictor, average, check_mode
+from leukonet.training.model import CellClassifier
 
 
 def evaluate(cfg: DictConfig) -> dict:

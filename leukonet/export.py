@@ -13,7 +13,7 @@ should it fail on a backbone, the TorchScript exporter is tried instead and the 
 metadata says so. The default output is ``model.onnx`` in the checkpoint's run directory; an
 existing file is never overwritten.
 
-``OnnxPredictor`` (``leukonet.onnx_runtime``) runs such a file with ONNX Runtime; ``python -m
+``OnnxPredictor`` (``leukonet.inference.onnx_runtime``) runs such a file with ONNX Runtime; ``python -m
 leukonet.predict runtime=onnx ckpt_path=RUN/model.onnx input=...`` uses it.
 """
 
@@ -32,8 +32,8 @@ import torch
 from omegaconf import DictConfig
 
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
-from leukonet.model import CellClassifier
 from leukonet.train import CONF
+from leukonet.training.model import CellClassifier
 
 FORMATS = ("onnx",)
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -70,7 +70,7 @@ def metadata(model: CellClassifier, ckpt_path: str | Path | None = None) -> dict
     }
     if ckpt_path is not None:
         meta["checkpoint"] = str(ckpt_path)
-    temperature = getattr(model, "temperature", None)  # calibration (leukonet.calibration), where the model has it
+    temperature = getattr(model, "temperature", None)  # calibration (leukonet.inference.calibration), where the model has it
     if isinstance(temperature, torch.Tensor):
         meta["temperature"] = repr(float(temperature))
     chosen = getattr(model, "chosen_review_threshold", None)
@@ -149,7 +149,7 @@ def export_onnx(ckpt_path: str | Path, output: str | Path | None = None, opset: 
 
 def check_against_torch(onnx_path: str | Path, model: CellClassifier, batch: int = 3, seed: int = 0) -> float:
     """Largest absolute difference between ONNX Runtime's and PyTorch's fp32 logits on random uint8 images."""
-    from leukonet.onnx_runtime import session
+    from leukonet.inference.onnx_runtime import session
 
     size = int(model.hparams.image_size)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))

@@ -25,16 +25,16 @@ from rich.progress import track
 from rich.table import Table
 from scipy.stats import beta
 
-from leukonet import ood
-from leukonet.cell_kind import LAB_MIN_CELLS, PROFILE_KEY, CellKind
 from leukonet.data.cells import TRAINING_FRACTION, crop_cell, find_cells, single_cell
 from leukonet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from leukonet.data.transforms import eval_transform
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
-from leukonet.explain import heatmaps, overlay
-from leukonet.model import CellClassifier
+from leukonet.inference import ood
+from leukonet.inference.cell_kind import LAB_MIN_CELLS, PROFILE_KEY, CellKind
+from leukonet.inference.explain import heatmaps, overlay
+from leukonet.inference.tta import check_mode, tta_probabilities, views
 from leukonet.train import CONF
-from leukonet.tta import check_mode, tta_probabilities, views
+from leukonet.training.model import CellClassifier
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Predictor:
     def __init__(self, ckpt_path: str | Path, precision: str = "32-true", tta: str = "none") -> None:
         ckpt_path = Path(ckpt_path)
         try:
-            self.tta = check_mode(tta)  # test-time augmentation (leukonet.tta): probabilities averaged over views
+            self.tta = check_mode(tta)  # test-time augmentation (leukonet.inference.tta): probabilities averaged over views
         except ValueError as err:
             raise DataError(str(err)) from err
         if not ckpt_path.is_file():
@@ -130,7 +130,7 @@ class Predictor:
         self.ood = ood.load(ckpt_path)  # feature statistics for the not-a-leukocyte check; None in older checkpoints
 
     def classify(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and ``ood_score`` (``leukonet.ood``; None without the checkpoint's statistics), from one
+        """Probabilities and ``ood_score`` (``leukonet.inference.ood``; None without the checkpoint's statistics), from one
         forward pass."""
         x = torch.stack([self.transform(image=im)["image"] for im in images])
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
@@ -152,8 +152,8 @@ class Predictor:
 def assess(predictor, cells: list[Cell], kind_features: np.ndarray | None = None,
            lab: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """Probabilities of ``cells`` and, per cell, ``{"ood_score", "not_a_leukocyte", "ood_reason", "unfamiliar"}``
-    (``leukonet.ood``): flagged when the cell finder sees no nucleus or the cell-kind check
-    (``predictor.cell_kind``, ``leukonet.cell_kind``; skipped when None) sees something other than a leukocyte
+    (``leukonet.inference.ood``): flagged when the cell finder sees no nucleus or the cell-kind check
+    (``predictor.cell_kind``, ``leukonet.inference.cell_kind``; skipped when None) sees something other than a leukocyte
     of the five classes, with the lab's profile ``lab`` (default: the one stored in the checkpoint by
     ``leukonet.adapt``, if any). ``unfamiliar``: the classifier's features are far from its training cells
     (another lab: a reason to adapt, not to leave the cell out); ``ood_score`` is None where that part is
@@ -179,9 +179,9 @@ def assess(predictor, cells: list[Cell], kind_features: np.ndarray | None = None
 
 def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str = "32-true", tta: str = "none",
                    kind_check: bool | str = "auto"):
-    """``Predictor`` for a checkpoint (``runtime=torch``), ``leukonet.onnx_runtime.OnnxPredictor`` for a model
+    """``Predictor`` for a checkpoint (``runtime=torch``), ``leukonet.inference.onnx_runtime.OnnxPredictor`` for a model
     exported with ``python -m leukonet.export`` (``runtime=onnx``, ONNX Runtime on the CPU, fp32); with
-    ``kind_check`` the cell-kind check (``leukonet.cell_kind``) rides along as ``predictor.cell_kind`` (``auto``:
+    ``kind_check`` the cell-kind check (``leukonet.inference.cell_kind``) rides along as ``predictor.cell_kind`` (``auto``:
     unless the checkpoint's run was trained on synthetic drawings, which that check, knowing real cells only,
     takes for anything but leukocytes)."""
     predictor = _load_predictor(ckpt_path, runtime, precision, tta)
@@ -220,7 +220,7 @@ def _load_predictor(ckpt_path: str | Path, runtime: str, precision: str, tta: st
                             f"ckpt_path={ckpt_path}) and give ckpt_path=RUN/model.onnx")
         if str(tta).lower() != "none":
             raise DataError(f"tta={tta} needs runtime=torch (a checkpoint); the ONNX runtime scores each image once")
-        from leukonet.onnx_runtime import OnnxPredictor
+        from leukonet.inference.onnx_runtime import OnnxPredictor
 
         return OnnxPredictor(ckpt_path)
     if runtime != "torch":

@@ -19,15 +19,15 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from leukonet import ood
-from leukonet.calibration import calibrate
-from leukonet.checkpoint_io import update_checkpoints
-from leukonet.distributed import job_processes
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
-from leukonet.explain import explainer
-from leukonet.finetune import TwoPhaseFinetuning
+from leukonet.inference import ood
+from leukonet.inference.calibration import calibrate
+from leukonet.inference.explain import explainer
+from leukonet.inference.report import read_history, write_report
 from leukonet.provenance import command, machine, portable_path
-from leukonet.report import read_history, write_report
+from leukonet.training.checkpoint_io import update_checkpoints
+from leukonet.training.distributed import job_processes
+from leukonet.training.finetune import TwoPhaseFinetuning
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -98,7 +98,7 @@ def print_next_steps(output_dir: Path, metrics: dict[str, float]) -> None:
 
 
 def _store_in_checkpoints(trainer, calibration: dict, ood_stats: dict | None) -> None:
-    """Write the temperature, the review threshold and the not-a-leukocyte feature statistics (``leukonet.ood``:
+    """Write the temperature, the review threshold and the not-a-leukocyte feature statistics (``leukonet.inference.ood``:
     class means and precision on the training split, threshold on validation) into the run's best and last
     checkpoints, each loaded and saved once, by process 0."""
     def edit(ckpt: dict) -> None:

@@ -17,10 +17,10 @@ from leukonet.adapt import batchnorm, label_shift, network
 from leukonet.adapt.head import pseudo_labels
 from leukonet.adapt.run import adapt as run_adapt
 from leukonet.adapt.suggest import rank
-from leukonet.cell_kind import FEATURES, PROFILE_KEY
 from leukonet.classes import CLASSES
 from leukonet.errors import DataError
-from leukonet.model import CellClassifier
+from leukonet.inference.cell_kind import FEATURES, PROFILE_KEY
+from leukonet.training.model import CellClassifier
 
 
 def tiny_model() -> CellClassifier:

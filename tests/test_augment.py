@@ -15,8 +15,8 @@ from conftest import REPO, TINY, compose_cfg, load_script
 from leukonet.data.datamodule import CellDataset
 from leukonet.data.synthetic import render_cell
 from leukonet.data.transforms import RomanowskyStainJitter, train_transform
-from leukonet.seeding import epoch_seed
 from leukonet.train import train
+from leukonet.training.seeding import epoch_seed
 
 NEW = ["scale", "stain", "he_stain", "gray", "defocus", "blur", "noise", "jpeg"]
 

@@ -28,7 +28,7 @@ from leukonet.data.manifest import write_manifest
 from leukonet.data.split import read_split
 from leukonet.data.synthetic import generate_dataset
 from leukonet.errors import DataError
-from leukonet.model import CellClassifier
+from leukonet.training.model import CellClassifier
 
 RNG_RGB = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
 

@@ -61,7 +61,7 @@ def test_bench_inference_quick(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 def test_bench_inference_onnx_row() -> None:
     bench = load_script(INFERENCE)
-    from leukonet.model import CellClassifier
+    from leukonet.training.model import CellClassifier
 
     model = CellClassifier(backbone="test_efficientnet", pretrained=False, image_size=32).eval()
     row = bench.time_onnx(model, 48, {"batch1": (1, 2, 2), "batch64": (1, 2, 1)}, threads=1)
@@ -96,7 +96,7 @@ def test_bench_fastai_half_quick(tmp_path):
     assert res["phases"]["phase1"]["lr"] == 1e-3 and res["phases"]["phase2"]["lr"] == 1e-5
     assert res["train_images"] > 0 and res["images_per_s"] > 0
     assert res["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
-    assert res["weights"].startswith("package:")  # leukonet.weights' packaged ImageNet weights
+    assert res["weights"].startswith("package:")  # leukonet.training.weights' packaged ImageNet weights
     assert len(res["confusion_matrix"]) == len(CLASSES)
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
-from leukonet.calibration import (
+from leukonet.inference.calibration import (
     apply_temperature,
     calibrate,
     expected_calibration_error,
@@ -25,8 +25,8 @@ from leukonet.calibration import (
 from leukonet.data.folder import load_rgb
 from leukonet.data.transforms import eval_transform
 from leukonet.evaluate import evaluate
-from leukonet.model import CellClassifier
 from leukonet.predict import predict
+from leukonet.training.model import CellClassifier
 
 KEYS = ("ece_before", "ece_after", "temperature", "review_threshold", "coverage_at_threshold", "accuracy_of_retained")
 FIGURES = ("reliability_diagram.png", "risk_coverage.png")

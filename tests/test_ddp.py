@@ -25,8 +25,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY
-from leukonet.distributed import ShardSampler, gather_rows
 from leukonet.train import CONF
+from leukonet.training.distributed import ShardSampler, gather_rows
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "+callbacks.probe._target_=ddp_probe.DDPProbe"]
 SMALL = ["data.synthetic_cfg.n_per_class=20", "data.synthetic_cfg.size=48"]  # 70 / 15 / 15 images
@@ -191,7 +191,7 @@ def test_a_sweep_job_child_runs_that_job_alone(tmp_path: Path) -> None:
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from leukonet.distributed import child_command
+    from leukonet.training.distributed import child_command
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", ["hparams_search=optuna", "+experiment=demo", "trainer=ddp"], return_hydra_config=True)

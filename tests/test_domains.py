@@ -14,9 +14,9 @@ from PIL import Image
 from conftest import compose_cfg, run_module
 from leukonet.errors import DataError
 from leukonet.evaluate import evaluate
-from leukonet.model import CellClassifier
+from leukonet.inference.tta import check_mode, tta_probabilities, views
 from leukonet.predict import Predictor
-from leukonet.tta import check_mode, tta_probabilities, views
+from leukonet.training.model import CellClassifier
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from PIL import Image
 from conftest import run_module
 from leukonet.data.cells import synthetic_field
 from leukonet.data.transforms import eval_transform
-from leukonet.explain import explainer, feature_layer, heatmap, heatmaps, overlay
-from leukonet.model import CellClassifier
-from leukonet.report import write_report
+from leukonet.inference.explain import explainer, feature_layer, heatmap, heatmaps, overlay
+from leukonet.inference.report import write_report
+from leukonet.training.model import CellClassifier
 
 
 def _model(size: int = 64, **kw) -> CellClassifier:

@@ -18,8 +18,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from leukonet.errors import DataError, RunExistsError  # noqa: E402
 from leukonet.export import export_onnx  # noqa: E402
-from leukonet.model import CellClassifier  # noqa: E402
 from leukonet.predict import load_predictor, predict  # noqa: E402
+from leukonet.training.model import CellClassifier  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_predict_with_onnx_runtime_gives_the_same_classes(exported: Path, cells:
         results[runtime] = list(csv.DictReader((tmp_path / runtime / "predictions.csv").open()))
     torch_rows, onnx_rows = results["torch"], results["onnx"]
     assert [r["file"] for r in torch_rows] == [r["file"] for r in onnx_rows]
-    # torch also runs the not-a-leukocyte feature check (leukonet.ood), which ONNX models lack:
+    # torch also runs the not-a-leukocyte feature check (leukonet.inference.ood), which ONNX models lack:
     # it may leave a cell unclassified
     assert all(a["predicted"] == b["predicted"] or (a["ood_reason"] == "unfamiliar features" and b["predicted"])
                for a, b in zip(torch_rows, onnx_rows))

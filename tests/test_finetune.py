@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from leukonet.data.datamodule import CellDataModule
-from leukonet.finetune import TwoPhaseFinetuning
-from leukonet.model import CellClassifier
+from leukonet.training.finetune import TwoPhaseFinetuning
+from leukonet.training.model import CellClassifier
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

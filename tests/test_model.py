@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from leukonet.model import CellClassifier
+from leukonet.training.model import CellClassifier
 
 
 @pytest.mark.parametrize("kind", ["linear", "fastai"])

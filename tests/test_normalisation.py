@@ -1,4 +1,4 @@
-"""Normalisation that does not learn the training stain: stain normalisation (leukonet.stain_norm) undoes a stain
+"""Normalisation that does not learn the training stain: stain normalisation (leukonet.training.stain_norm) undoes a stain
 change, is fitted on the training split, travels in the checkpoint, and a model using it refuses ONNX export with a
 reason; a GroupNorm backbone (no batch statistics at all) trains through both phases."""
 
@@ -13,9 +13,9 @@ import torch
 from conftest import TINY, compose_cfg
 from leukonet.data.transforms import RomanowskyStainJitter
 from leukonet.errors import DataError
-from leukonet.model import CellClassifier
-from leukonet.stain_norm import StainNormalizer
 from leukonet.train import train
+from leukonet.training.model import CellClassifier
+from leukonet.training.stain_norm import StainNormalizer
 
 
 def _smears(cells: Path, n: int = 24) -> np.ndarray:

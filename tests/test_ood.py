@@ -1,4 +1,4 @@
-"""Not a leukocyte (leukonet.ood): red-cell-only fields, blank slides, platelet clumps and photos of other things
+"""Not a leukocyte (leukonet.inference.ood): red-cell-only fields, blank slides, platelet clumps and photos of other things
 are flagged; synthetic leukocytes are mostly accepted; flagged inputs are left out of the differential count."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from PIL import Image
 from skimage import data as skdata
 
 from conftest import run_module
-from leukonet import ood
-from leukonet.cell_kind import CellKind
 from leukonet.classes import CLASSES
 from leukonet.data import synthetic as syn
 from leukonet.data.cells import _red_cell_tile
+from leukonet.inference import ood
+from leukonet.inference.cell_kind import CellKind
 from leukonet.predict import Cell, Predictor, assess
 
 

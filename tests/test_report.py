@@ -1,16 +1,15 @@
-"""Tests for leukonet.report: metrics against hand-computed values, files written, history merging."""
+"""Tests for leukonet.inference.report: metrics against hand-computed values, files written, history merging."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from leukonet.report import compute_metrics, read_history, write_report
+from leukonet.inference.report import compute_metrics, read_history, write_report
 
 NAMES = ["a", "b", "c"]
 # 10 samples. Confusion matrix (rows = true):

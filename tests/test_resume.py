@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from leukonet.model import CellClassifier
+from leukonet.training.model import CellClassifier
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_resuming_without_a_checkpoint_says_so(tmp_path: Path) -> None:
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
     from lightning.pytorch.plugins import TorchCheckpointIO
 
-    from leukonet.checkpoint_io import AtomicCheckpointIO
+    from leukonet.training.checkpoint_io import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)

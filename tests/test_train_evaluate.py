@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import TINY, compose_cfg
 from conftest import run_module as _run
-from leukonet.model import CellClassifier
 from leukonet.train import train
+from leukonet.training.model import CellClassifier
 
 FIGURES = ("confusion_matrix.png", "per_class_metrics.png")
 

@@ -11,9 +11,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from leukonet import weights
 from leukonet.errors import WeightsNotFoundError
-from leukonet.model import CellClassifier
+from leukonet.training import weights
+from leukonet.training.model import CellClassifier
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

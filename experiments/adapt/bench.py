@@ -39,18 +39,18 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "experiments" / "stain_robustness")]
 
 from ablation import data_folder  # noqa: E402
-from leukonet import ood  # noqa: E402
 from leukonet.adapt import batchnorm  # noqa: E402
 from leukonet.adapt.cells import Cells, decode, per_class, source_cells  # noqa: E402
 from leukonet.adapt.run import adapt_batchnorm, fit_to_lab, probabilities, tune_network  # noqa: E402
 from leukonet.adapt.suggest import rank  # noqa: E402
-from leukonet.calibration import expected_calibration_error, retained  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
 from leukonet.data.check import duplicate_groups  # noqa: E402
 from leukonet.data.folder import scan_folder  # noqa: E402
 from leukonet.data.split import read_split, stratified_split  # noqa: E402
-from leukonet.model import CellClassifier  # noqa: E402
+from leukonet.inference import ood  # noqa: E402
+from leukonet.inference.calibration import expected_calibration_error, retained  # noqa: E402
 from leukonet.provenance import machine, portable_path, portable_text  # noqa: E402
+from leukonet.training.model import CellClassifier  # noqa: E402
 
 METHODS = {  # label-free rows: name -> method config (conf/method/*.yaml)
     name: OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))

@@ -16,7 +16,7 @@ The fastai half is the report's recipe written with fastai's own API (``Learner`
 ``freeze``/``unfreeze``, ``EarlyStoppingCallback``, ``SaveModelCallback``), with the parts that must
 match taken from leukonet so that only the training code differs:
 
-* backbone ``tf_efficientnet_lite0`` built by timm and filled by ``leukonet.weights.load_pretrained``
+* backbone ``tf_efficientnet_lite0`` built by timm and filled by ``leukonet.training.weights.load_pretrained``
   (the packaged ImageNet weights), cut and headed as ``vision_learner`` does for a timm model
   (``TimmBody`` + ``add_head``: concat pooling, BN, dropout 0.25/0.5, 512 hidden), split into
   body/head with fastai's ``default_split``; normalisation with the weights' own mean and std (0.5);
@@ -113,8 +113,8 @@ def run_fastai(args: argparse.Namespace) -> dict:
     from leukonet.classes import CLASSES
     from leukonet.data.folder import load_rgb
     from leukonet.data.split import read_split
-    from leukonet.report import compute_metrics
-    from leukonet.weights import load_pretrained
+    from leukonet.inference.report import compute_metrics
+    from leukonet.training.weights import load_pretrained
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -82,7 +82,7 @@ def native_bf16() -> bool:
 
 
 def build_model(ckpt: str | None) -> tuple[nn.Module, dict]:
-    from leukonet.model import CellClassifier
+    from leukonet.training.model import CellClassifier
 
     if ckpt:
         model = CellClassifier.from_checkpoint(ckpt)
@@ -288,7 +288,7 @@ def time_onnx(model: nn.Module, size: int, plan: dict, threads: int) -> dict:
     import onnx
 
     from leukonet.export import INPUT_NAME, to_onnx
-    from leukonet.onnx_runtime import session
+    from leukonet.inference.onnx_runtime import session
 
     t0 = time.perf_counter()
     proto, exporter = to_onnx(copy.deepcopy(model), size=size)

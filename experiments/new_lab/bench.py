@@ -1,9 +1,9 @@
 """A new lab's slides end to end: does leukonet find every leukocyte, keep single-cell crops single, and keep
 genuine leukocytes of other labs in the count while leaving out what is not one?
 
-Measured with what ``predict`` runs (``leukonet.data.cells``, ``leukonet.predict.cells_of``, ``leukonet.ood.verdict``
-with ``leukonet.cell_kind``); no classifier checkpoint is involved: the not-a-leukocyte verdict no longer depends
-on it (a classifier's feature distance now only says "unfamiliar", see ``leukonet.ood``).
+Measured with what ``predict`` runs (``leukonet.data.cells``, ``leukonet.predict.cells_of``, ``leukonet.inference.ood.verdict``
+with ``leukonet.inference.cell_kind``); no classifier checkpoint is involved: the not-a-leukocyte verdict no longer depends
+on it (a classifier's feature distance now only says "unfamiliar", see ``leukonet.inference.ood``).
 
 - **finder.bccd_fields**: the 364 BCCD fields against their WBC boxes: a found cell counts when its centre lies
   in a box; recall over boxes, false cells (centre in no WBC box) per field, centring error (found centre to box
@@ -15,7 +15,7 @@ on it (a classifier's feature distance now only says "unfamiliar", see ``leukone
   leukocytes of BCCD and cellavision-100 (external, never trained on), the PBC test split; held-out 30 % of
   PBC's platelets, erythroblasts and immature granulocytes; crops of held-out BCCD fields (every third) away from
   the leukocyte boxes (``red_cells``); photos of other things (scikit-image's samples at 48, 128, 360 px). The
-  check's heads were fitted on the rest (``leukonet.cell_kind``).
+  check's heads were fitted on the rest (``leukonet.inference.cell_kind``).
 
 Other labs' data: ``--crops NAME=DIR`` (class-per-folder leukocyte crops) and ``--fields NAME=DIR`` (``JPEGImages/``
 + Pascal VOC ``Annotations/`` with WBC boxes) add rows under ``extra``.
@@ -40,9 +40,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from leukonet import cell_kind, ood  # noqa: E402
 from leukonet.data.cells import find_cells, synthetic_field  # noqa: E402
 from leukonet.data.folder import load_rgb, scan_folder  # noqa: E402
+from leukonet.inference import cell_kind, ood  # noqa: E402
 from leukonet.predict import cells_of  # noqa: E402
 from leukonet.provenance import machine  # noqa: E402
 from leukonet.resolvers import best_precision  # noqa: E402

@@ -34,8 +34,8 @@ sys.path[:0] = [str(REPO), str(HERE)]  # leukonet from this checkout (also witho
 
 from leukonet.classes import CLASSES  # noqa: E402
 from leukonet.data.transforms import stain_basis, stain_concentrations, stained_image  # noqa: E402
-from leukonet.model import CellClassifier  # noqa: E402
 from leukonet.provenance import portable_text  # noqa: E402
+from leukonet.training.model import CellClassifier  # noqa: E402
 from zoom_out import load_folder, save_json, score  # noqa: E402  (the scoring of zoom_out.py)
 
 HUES = (-40.0, -20.0, 20.0, 27.0, 40.0)  # degrees on the hue circle

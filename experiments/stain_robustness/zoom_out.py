@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))  # leukonet from this checkout, also without an ed
 
 from leukonet.data.folder import load_rgb, resize_square, scan_folder  # noqa: E402
 from leukonet.data.transforms import eval_transform  # noqa: E402
-from leukonet.model import CellClassifier  # noqa: E402
 from leukonet.provenance import machine, portable_text  # noqa: E402
+from leukonet.training.model import CellClassifier  # noqa: E402
 
 MODES = ("reflect", "background")
 

@@ -1,7 +1,7 @@
 """BatchNorm statistics for a new lab: re-estimated on its cells (AdaBN), or mapped onto the training lab's.
 
 The backbone's BatchNorm layers keep ImageNet's running statistics through both training phases
-(``leukonet.finetune``), so the head learnt features normalised with *those*. Two ways to use a lab's
+(``leukonet.training.finetune``), so the head learnt features normalised with *those*. Two ways to use a lab's
 unlabelled cells:
 
 - ``adabn`` (Li et al. 2016): every backbone BatchNorm normalises with the lab's own statistics. What

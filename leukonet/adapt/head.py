@@ -1,7 +1,7 @@
 """The head re-fitted for a new lab on the backbone's features: its labelled cells and/or its confident
 unlabelled ones (class-balanced self-training), with the training lab's cells kept in every batch.
 
-The backbone is left as the BatchNorm step made it, so each cell's features (``leukonet.ood.features``: the
+The backbone is left as the BatchNorm step made it, so each cell's features (``leukonet.inference.ood.features``: the
 pooled features the head reads) are computed once and the head (fastai's or a linear one, a few hundred
 thousand weights) trains in seconds on 2 CPU cores. Pseudo-labels
 follow Zou et al. 2018 (class-balanced self-training): each round keeps the same share of the cells

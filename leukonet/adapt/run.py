@@ -22,16 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from leukonet import ood
 from leukonet.adapt import batchnorm, head, label_shift, network
 from leukonet.adapt.cells import Cells, copies_of_training, read_labels, source_cells, target_cells
-from leukonet.calibration import calibrate
-from leukonet.cell_kind import IMAGE_SIZE, PROFILE_KEY, CellKind
-from leukonet.checkpoint_io import AtomicCheckpointIO
 from leukonet.data.folder import decode_many
 from leukonet.errors import DataError, RunExistsError
-from leukonet.model import CellClassifier
+from leukonet.inference import ood
+from leukonet.inference.calibration import calibrate
+from leukonet.inference.cell_kind import IMAGE_SIZE, PROFILE_KEY, CellKind
 from leukonet.provenance import command, machine
+from leukonet.training.checkpoint_io import AtomicCheckpointIO
+from leukonet.training.model import CellClassifier
 
 BN_MODES = ("none", "adabn", "map")
 
@@ -189,7 +189,7 @@ def adapt(cfg: DictConfig) -> dict:
 
 
 def lab_profile(paths: list[Path]) -> tuple[torch.Tensor, int]:
-    """The lab's profile for the not-a-leukocyte check (``leukonet.cell_kind``: the median cell-kind features of
+    """The lab's profile for the not-a-leukocyte check (``leukonet.inference.cell_kind``: the median cell-kind features of
     its cells with a nucleus), stored in the adapted checkpoint so that ``predict`` and ``serve`` use it on runs too
     small to measure their own; and how many cells it was measured on."""
     images = [im for im in decode_many(paths, IMAGE_SIZE) if not isinstance(im, str) and ood.has_leukocyte(im)]

@@ -21,13 +21,13 @@ import torch
 from omegaconf import DictConfig
 from sklearn.cluster import KMeans
 
-from leukonet import ood
 from leukonet.adapt import head
 from leukonet.adapt.cells import read_labels, target_cells
 from leukonet.errors import DataError, RunExistsError, exit_on_user_error
-from leukonet.model import CellClassifier
-from leukonet.report import plot_gallery
+from leukonet.inference import ood
+from leukonet.inference.report import plot_gallery
 from leukonet.train import CONF
+from leukonet.training.model import CellClassifier
 
 
 def rank(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[int]:

@@ -31,9 +31,9 @@ from leukonet.data.folder import Entry, decode_many, scan_folder
 from leukonet.data.manifest import read_manifest
 from leukonet.data.split import SPLITS, read_split, stratified_split, write_split
 from leukonet.data.transforms import eval_transform, train_transform
-from leukonet.distributed import eval_sampler, train_sampler
 from leukonet.errors import DataError
-from leukonet.seeding import EpochShuffle, epoch_seed
+from leukonet.training.distributed import eval_sampler, train_sampler
+from leukonet.training.seeding import EpochShuffle, epoch_seed
 
 
 class CellDataset(Dataset):
@@ -148,7 +148,7 @@ class CellDataModule(L.LightningDataModule):
         shuffle = EpochShuffle(len(self._data["train"]), self.seed, epoch)
         return self.loader("train", sampler=train_sampler(shuffle, self.trainer))  # under DDP: this process's share
 
-    # under DDP each process scores its own share of the images, none twice (leukonet.distributed)
+    # under DDP each process scores its own share of the images, none twice (leukonet.training.distributed)
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", sampler=eval_sampler(self._data["val"], self.trainer, "val"))
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from leukonet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from leukonet.errors import DataError
-from leukonet.explain import heatmaps, overlay
+from leukonet.inference.explain import heatmaps, overlay
 from leukonet.predict import Predictor, _review_threshold, assess, cells_of, load_predictor
 
 

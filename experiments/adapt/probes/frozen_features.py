@@ -17,8 +17,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from leukonet.cell_kind import features
 from leukonet.classes import CLASSES
+from leukonet.inference.cell_kind import features
 
 HERE = Path(__file__).parent
 DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")

@@ -28,9 +28,9 @@ from torchmetrics.classification import (
 )
 
 from leukonet.classes import CLASSES
-from leukonet.distributed import gather_rows, loader_indices
-from leukonet.stain_norm import StainNormalizer
-from leukonet.weights import load_pretrained
+from leukonet.training.distributed import gather_rows, loader_indices
+from leukonet.training.stain_norm import StainNormalizer
+from leukonet.training.weights import load_pretrained
 
 
 def build_head(kind: str, in_features: int, num_classes: int, dropout: float, hidden: int) -> nn.Module:
@@ -95,11 +95,11 @@ class CellClassifier(L.LightningModule):
         self.backbone = net
         self.head = build_head(head["kind"], net.num_features * (2 if head["kind"] == "fastai" else 1),
                                len(class_names), head["dropout"], head["hidden"])
-        # stain normalisation (leukonet.stain_norm), fitted on the training split in setup(); null: none
+        # stain normalisation (leukonet.training.stain_norm), fitted on the training split in setup(); null: none
         self.stain_norm = StainNormalizer(stain_norm) if stain_norm else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
-        # calibration, fitted on the validation split after training (leukonet.calibration); saved in checkpoints:
+        # calibration, fitted on the validation split after training (leukonet.inference.calibration); saved in checkpoints:
         # probabilities are softmax(logits / temperature); cells whose calibrated confidence is below
         # review_threshold are flagged needs_review (negative: none chosen, as in checkpoints from before)
         self.register_buffer("temperature", torch.tensor(1.0))

@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.rank_zero import rank_prefixed_message
 from torch.optim import Optimizer
 
-from leukonet.distributed import rewrap_ddp
+from leukonet.training.distributed import rewrap_ddp
 
 log = logging.getLogger(__name__)
 

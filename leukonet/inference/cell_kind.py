@@ -1,6 +1,6 @@
 """What a cell image shows: a leukocyte, an immature granulocyte, an erythroblast, platelets, or no cell.
 
-The classifier's own not-a-leukocyte check (``leukonet.ood``'s feature distance) measures "unlike the
+The classifier's own not-a-leukocyte check (``leukonet.inference.ood``'s feature distance) measures "unlike the
 training lab's cells", and another lab's genuine leukocytes are exactly that: a short-budget
 stain-robust checkpoint flagged 313 of 351 BCCD cells and 86 of 100 cellavision-100 cells, and left them
 out of the count. This check asks the question the count needs instead, and is trained to ignore the lab:
@@ -25,7 +25,7 @@ out of the count. This check asks the question the count needs instead, and is t
 A linear head on frozen features cannot separate every hard pair across labs: the operating point
 (``LEUKOCYTE_MIN``, ``IMMATURE_THRESHOLD``) trades flagging genuine cells of other labs against catching
 erythroblasts and immature granulocytes; ``experiments/new_lab`` measures both and the whole curve.
-``python -m leukonet.cell_kind DATA --out FILE`` fits new heads (``DATA``: a folder laid out like
+``python -m leukonet.inference.cell_kind DATA --out FILE`` fits new heads (``DATA``: a folder laid out like
 ``../shared/data``).
 """
 
@@ -73,7 +73,7 @@ LAB_MIN_CELLS = 30  # cells of one lab from which predict measures the lab's pro
 PROFILE_KEY = "cell_kind_lab"  # where leukonet.adapt stores the lab's profile in the adapted checkpoint
 BACKBONE = "tf_efficientnet_lite0"
 IMAGE_SIZE = 224
-HEAD = Path(__file__).parent / "data" / "cell_kind.safetensors"
+HEAD = Path(__file__).parents[1] / "data" / "cell_kind.safetensors"
 SEED = 42
 
 
@@ -81,7 +81,7 @@ SEED = 42
 def _backbone() -> torch.nn.Module:
     import timm
 
-    from leukonet.weights import load_pretrained
+    from leukonet.training.weights import load_pretrained
 
     model = timm.create_model(BACKBONE, pretrained=False)
     load_pretrained(model, BACKBONE)  # the packaged file holds the ImageNet classifier too
@@ -147,7 +147,7 @@ class CellKind:
 
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"{path}: the cell-kind head is missing (refit it: python -m leukonet.cell_kind DATA --out {path})")
+            raise DataError(f"{path}: the cell-kind head is missing (refit it: python -m leukonet.inference.cell_kind DATA --out {path})")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k).numpy().astype(np.float64) for k in f.keys()}  # noqa: SIM118
@@ -218,7 +218,7 @@ def training_images(data: Path, rng: np.random.Generator,
     (``experiments/two_phase/split.csv``, seed 42: train ``per_class`` a class, test all 375); the other PBC kinds
     70/30 at random (seed 42); no_cell: crops of BCCD fields away from leukocyte boxes, a third of the
     fields held out for the test."""
-    split = Path(__file__).parents[1] / "experiments" / "two_phase" / "split.csv"
+    split = Path(__file__).parents[2] / "experiments" / "two_phase" / "split.csv"
     rows = [line.split(",") for line in split.read_text().splitlines()[1:]]
     train: dict[str, list] = {k: [] for k in (*KINDS, IMMATURE)}
     test: dict[str, list] = {k: [] for k in (*KINDS, IMMATURE)}
@@ -313,7 +313,7 @@ def fit(data: Path, out: Path, views: int = 1, c: float = 0.01, per_class: int =
             "per_class": str(per_class),
             "data": "PBC (Acevedo et al., Data in Brief 30:105474, 2020, CC BY 4.0): pbc-2500 train split, "
                     "pbc-other 70 %; BCCD fields (MIT) away from leukocyte boxes, 2 of 3 fields",
-            "command": "python -m leukonet.cell_kind " + " ".join(sys.argv[1:])}
+            "command": "python -m leukonet.inference.cell_kind " + " ".join(sys.argv[1:])}
     every = np.concatenate([seen[k].reshape(-1, seen[k].shape[-1]) for k in (*KINDS, IMMATURE)])
     mean, scale = every.mean(0), every.std(0) + 1e-6
     centres = np.stack([((seen[k].reshape(-1, every.shape[1]) - mean) / scale).mean(0) for k in (*KINDS, IMMATURE)])
@@ -332,7 +332,7 @@ def fit(data: Path, out: Path, views: int = 1, c: float = 0.01, per_class: int =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m leukonet.cell_kind", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m leukonet.inference.cell_kind", description=__doc__.split("\n")[0])
     parser.add_argument("data", type=Path, help="folder holding pbc-2500/, pbc-other/ and bccd-fields/")
     parser.add_argument("--out", type=Path, required=True, help="the new head (.safetensors); never overwritten")
     parser.add_argument("--views", type=int, default=1, help="augmented views per training image")

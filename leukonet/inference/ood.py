@@ -4,7 +4,7 @@ Two checks decide ``not_a_leukocyte`` (``verdict``; ``ood_reason`` says which):
 
 1. **No nucleus** (classical, needs no training): ``leukonet.data.cells.find_cells`` finds no stained
    nucleus of leukocyte size: red-cell-only fields, blank slides, most platelet clumps and photos.
-2. **Cell kind** (``leukonet.cell_kind``): an ImageNet feature extractor and a small head trained to tell a
+2. **Cell kind** (``leukonet.inference.cell_kind``): an ImageNet feature extractor and a small head trained to tell a
    leukocyte from an erythroblast, platelets and red cells or background, and an immature granulocyte (a
    leukocyte, but not one of the five) from the five, with each lab's profile subtracted so that another lab's
    leukocytes are not flagged for looking like another lab.
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukonet.cell_kind import LAB_MIN_CELLS, REASONS
 from leukonet.data.cells import find_cells
 from leukonet.data.transforms import eval_transform
+from leukonet.inference.cell_kind import LAB_MIN_CELLS, REASONS
 
 ACCEPT = 0.95  # share of the validation images the feature check accepts: sets its threshold
 KEY = "ood"  # where the statistics live in a checkpoint
@@ -113,7 +113,7 @@ def load(ckpt_path: str | Path) -> dict[str, torch.Tensor] | None:
     """A checkpoint's statistics, or None (with a warning) for checkpoints from before they were stored."""
     stats = torch.load(ckpt_path, map_location="cpu", weights_only=True).get(KEY)
     if stats is None:
-        warnings.warn(f"{ckpt_path} holds no feature statistics (trained before leukonet.ood): ood_score and "
+        warnings.warn(f"{ckpt_path} holds no feature statistics (trained before leukonet.inference.ood): ood_score and "
                       "'unfamiliar' are left empty (the not-a-leukocyte checks do not need them)", stacklevel=2)
         return None
     return {k: v.clone() for k, v in stats.items()}
@@ -127,7 +127,7 @@ def score(feats: torch.Tensor | None, stats: dict[str, torch.Tensor] | None) -> 
 
 
 def verdict(nucleus: bool, kind: str | None = None) -> tuple[bool, str]:
-    """``(not_a_leukocyte, reason)`` from the cell finder and the cell-kind check (``leukonet.cell_kind``; None:
+    """``(not_a_leukocyte, reason)`` from the cell finder and the cell-kind check (``leukonet.inference.cell_kind``; None:
     not run). The feature distance does not enter: a leukocyte of another lab is unfamiliar (``unfamiliar``) and
     still a leukocyte, a reason to adapt the model."""
     if not nucleus:

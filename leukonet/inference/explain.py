@@ -142,7 +142,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 def explainer(model: nn.Module) -> Callable[[np.ndarray, int], np.ndarray]:
-    """``(image, class_index) -> overlay``: what ``leukonet.report.write_report(explain=...)`` takes."""
+    """``(image, class_index) -> overlay``: what ``leukonet.inference.report.write_report(explain=...)`` takes."""
     return lambda image, class_index: overlay(image, heatmap(model, image, class_index))
 
 

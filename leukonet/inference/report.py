@@ -40,7 +40,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from leukonet.calibration import (
+from leukonet.inference.calibration import (
     N_BINS,
     apply_temperature,
     expected_calibration_error,
@@ -174,11 +174,11 @@ def write_report(
 ) -> dict:
     """Write metrics.json, predictions.csv, figures and report.md into ``out_dir``; return the metrics.
 
-    ``explain(image, class_index) -> RGB overlay`` (e.g. ``leukonet.explain.explainer(model)``): the gallery
+    ``explain(image, class_index) -> RGB overlay`` (e.g. ``leukonet.inference.explain.explainer(model)``): the gallery
     shows each misclassified cell beside its heat map for the predicted class.
 
     ``calibration`` (``temperature``, ``review_threshold`` or None, optionally ``validation``: what
-    ``leukonet.calibration.calibrate`` found there): ``probs`` are the model's uncalibrated probabilities; the
+    ``leukonet.inference.calibration.calibrate`` found there): ``probs`` are the model's uncalibrated probabilities; the
     report's probabilities and confidences are the temperature-scaled ones, and it adds the expected calibration
     error before and after, the coverage at the review threshold, a reliability diagram and a risk-coverage curve.
     ``calibration["probs"]``, when given, are the calibrated probabilities to use instead of tempering ``probs``."""
@@ -192,7 +192,7 @@ def write_report(
     p_before = p
     if calibration is not None:
         # "probs": the calibrated probabilities when they are not softmax(z / T) of one set of logits z (e.g. the
-        # mean over test-time augmentations of each view's calibrated probabilities, leukonet.tta)
+        # mean over test-time augmentations of each view's calibrated probabilities, leukonet.inference.tta)
         given = calibration.get("probs")
         p = np.asarray(given, dtype=np.float64) if given is not None else apply_temperature(p, calibration.get("temperature") or 1.0)
     metrics = compute_metrics(y, p, class_names)

@@ -8,7 +8,7 @@
 - ``expected_calibration_error``: torchmetrics' ``MulticlassCalibrationError`` (15 equal-width bins, L1).
 
 The fitted values live in the model as the persistent buffers ``temperature`` and ``review_threshold``
-(``leukonet.model.CellClassifier``); training writes them into the run's checkpoints.
+(``leukonet.training.model.CellClassifier``); training writes them into the run's checkpoints.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class StainNormalizer(nn.Module):
     def __init__(self, method: str) -> None:
         super().__init__()
         if method not in METHODS:
-            raise ValueError(f"model.stain_norm={method!r}: use one of {METHODS} or null (Macenko: see leukonet/stain_norm.py)")
+            raise ValueError(f"model.stain_norm={method!r}: use one of {METHODS} or null (Macenko: see leukonet/training/stain_norm.py)")
         self.method = method
         self.register_buffer("reference", torch.zeros(6))  # LAB means (3) and standard deviations (3)
         self.register_buffer("fitted", torch.tensor(False))
