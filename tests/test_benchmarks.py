@@ -361,7 +361,11 @@ def test_adapt_bench_recommends_what_holds_on_every_lab() -> None:
     table = {t: {"none": row(0.6), "swing/inductive": row(0.3 if t == "bccd" else 0.95),  # best mean, ruins one lab
                  "steady/inductive": row(0.58),
                  "k10/random/head": row(0.7), "k10/suggest/head": row(0.8, 0.6),  # basophils flatter the head
-                 "k10/random/net": row(0.7), "k10/suggest/net": row(0.7, 0.75)} for t in bench.TARGETS}
+                 "k10/random/net": row(0.7), "k10/suggest/net": row(0.7, 0.75),
+                 "k100/random/head": row(0.8), "k100/random/net": row(0.9)} for t in bench.TARGETS}  # the whole pool
     chosen = bench.choose(table)
     assert chosen["best_unsupervised"]["method"] == "steady" and chosen["labelled_method"] == "net"
     assert chosen["k10"]["suggest"]["bccd"] is table["bccd"]["k10/suggest/net"]
+    assert list(chosen["k100"]) == ["random"] and chosen["k100"]["random"]["bccd"] is table["bccd"]["k100/random/net"]
+    only_none = {t: {k: v for k, v in rows.items() if "/inductive" not in k} for t, rows in table.items()}
+    assert bench.choose(only_none)["best_unsupervised"]["method"] == "none"  # no label-free row run: none is the one

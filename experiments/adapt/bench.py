@@ -9,7 +9,8 @@ together). Every row adapts a fresh copy of the checkpoint with ``leukonet.adapt
   test cells, unlabelled);
 - k = 1, 3, 5, 10 labelled pool cells a class (capped by what the pool has), ``random`` (k of each class) or
   ``suggest`` (as many cells, ranked by ``leukonet.adapt.suggest`` on the label-free adapted model's features),
-  adapted with ``--labelled-method``.
+  adapted with ``--labelled-method``; a k that labels the whole pool (``--ks 100``) is one row, ``random``: what
+  labelling every pool cell would buy.
 
 The label-free method recommended is the one with the highest mean balanced accuracy over both targets
 (inductive); ``--time-cli`` also times the command itself on 1,000 unlabelled cells and on a 10-a-class
@@ -172,7 +173,8 @@ def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) ->
             tuned = backbone_step(labelled_cfg, labelled=True)
             for k in args.ks:
                 budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
-                for strategy, chosen in (("random", per_class(pool.labels, k, seed)), ("suggest", np.array(ranked[:budget]))):
+                strategies = [("random", per_class(pool.labels, k, seed)), ("suggest", np.array(ranked[:budget]))]
+                for strategy, chosen in strategies[:1] if budget == len(pool) else strategies:  # the whole pool: one row
                     labels = np.full(len(pool), -1)
                     labels[chosen] = pool.labels[chosen]
                     on = free if tuned == backbone_step(labelled_cfg) else Adapted(  # the network tuned on these labels
@@ -277,8 +279,11 @@ def main() -> None:
     results = {
         "checkpoint": portable_path(args.ckpt), "budget": args.budget, "seeds": args.seeds, "image_size": size,
         "command": portable_text(" ".join(["python", "experiments/adapt/bench.py", *sys.argv[1:]]), REPO),
-        "machine": machine(), "wall_s": None, "rows": table, **choose(table),
+        "machine": machine(), "wall_s": None, "rows": table,
     }
+    args.out.mkdir(parents=True, exist_ok=True)  # the rows first: --markdown-only can finish from them
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results.update(choose(table))
     best, labelled = results["best_unsupervised"]["method"], results["labelled_method"]
     if args.time_cli:
         results["cli_timing"] = time_cli(args.ckpt, data, best, labelled, REPO / "outputs" / "adapt" / "timing")
@@ -300,19 +305,22 @@ def choose(table: dict) -> dict:
     the issue names (no_adaptation, best_unsupervised, kN)."""
     rows = table[next(iter(TARGETS))]
     gain = lambda key: min(table[t][key]["balanced_accuracy"] - table[t]["none"]["balanced_accuracy"] for t in TARGETS)  # noqa: E731
-    best = max((k.split("/")[0] for k in rows if k.endswith("/inductive")), key=lambda m: gain(f"{m}/inductive"))
+    row = lambda m: "none" if m == "none" else f"{m}/inductive"  # noqa: E731
+    best = max([k.split("/")[0] for k in rows if k.endswith("/inductive")] or ["none"], key=lambda m: gain(row(m)))
     ks = sorted({int(k.split("/")[0][1:]) for k in rows if k.startswith("k") and "/" in k})
-    top = 10 if 10 in ks else ks[-1]
+    suggested = [k for k in ks if any(key.startswith(f"k{k}/suggest/") for key in rows)]
+    top = 10 if 10 in suggested else suggested[-1]
     both = lambda key, metric: statistics.mean(table[t][key][metric] for t in TARGETS)  # noqa: E731
     labelled = max((k.split("/")[2] for k in rows if k.startswith(f"k{top}/suggest/")),
                    key=lambda m: both(f"k{top}/suggest/{m}", "balanced_accuracy_10"))
     return {
         "selection": SELECTION,
         "no_adaptation": {t: table[t]["none"] for t in TARGETS},
-        "best_unsupervised": {"method": best, "mode": "inductive", **{t: table[t][f"{best}/inductive"] for t in TARGETS},
-                              "pbc_test": {"accuracy": both(f"{best}/inductive", "pbc_test_accuracy")}},
+        "best_unsupervised": {"method": best, "mode": "inductive", **{t: table[t][row(best)] for t in TARGETS},
+                              "pbc_test": {"accuracy": both(row(best), "pbc_test_accuracy")}},
         "labelled_method": labelled,
-        **{f"k{k}": {s: {t: table[t][f"k{k}/{s}/{labelled}"] for t in TARGETS} for s in ("random", "suggest")} for k in ks},
+        **{f"k{k}": {s: {t: table[t][f"k{k}/{s}/{labelled}"] for t in TARGETS} for s in ("random", "suggest")
+                     if f"k{k}/{s}/{labelled}" in rows} for k in ks},
     }
 
 
@@ -336,7 +344,8 @@ def recommendation(r: dict) -> list[str]:
                    + b["method"] + "`: " + ", ".join(f"{t} {100 * g:+.1f} points" for t, g in gains.items())
                    + " of balanced accuracy); adapt a lab's model with its labelled cells, and use the label-free "
                      "report only for the class mix it estimates.")
-    k = "k10" if "k10" in r else max((key for key in r if key.startswith("k") and key[1:].isdigit()), key=lambda x: int(x[1:]))
+    k = "k10" if "k10" in r else max((key for key in r if key.startswith("k") and key[1:].isdigit() and "suggest" in r[key]),
+                                     key=lambda x: int(x[1:]))
     wins = {t: r[k]["suggest"][t]["accuracy"] - r[k]["random"][t]["accuracy"] for t in targets}
     out.append(f"- With labels: `method={r['labelled_method']} target.labels=...`, the cells to label from "
                f"`leukonet.adapt.suggest` ({k[1:]} a class: " + ", ".join(
@@ -390,9 +399,9 @@ def markdown(r: dict) -> str:
                 f"(unadapted {pct(statistics.mean(r['no_adaptation'][t]['pbc_test_accuracy'] for t in targets))} %)."]
     for k in (key for key in r if key.startswith("k") and key[1:].isdigit()):
         lines.append(f"- {k[1:]} labelled cells a class (`{r['labelled_method']}`): "
-                     + "; ".join(f"{t} random {pct(r[k]['random'][t]['accuracy'])} % / {pct(r[k]['random'][t]['balanced_accuracy'])} % bal., "
-                                 f"suggested {pct(r[k]['suggest'][t]['accuracy'])} % / {pct(r[k]['suggest'][t]['balanced_accuracy'])} % bal."
-                                 for t in targets))
+                     + "; ".join(t + ",".join(f" {s} {pct(r[k][s][t]['accuracy'])} % / {pct(r[k][s][t]['balanced_accuracy'])} % bal."
+                                               for s in ("random", "suggest") if s in r[k]) for t in targets)
+                     + ("" if "suggest" in r[k] else " (the whole adaptation pool labelled: the ceiling of labelling more)"))
     lines += ["", "## Recommendation (chosen on both targets together)", "",
               f"Rules: without labels, {r['selection']['label_free']}; with labels, {r['selection']['labelled']}.", "",
               *recommendation(r)]
