@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg, run_module
-from leukonet.adapt import batchnorm, label_shift, network
+from leukonet.adapt import batchnorm, label_shift, network, run
 from leukonet.adapt.head import pseudo_labels
 from leukonet.adapt.run import adapt as run_adapt
 from leukonet.adapt.suggest import rank
@@ -187,6 +187,17 @@ def other_lab(cells: Path, dest: Path, tint=(-25, 15, 40), per_class: int = 8) -
             x = np.asarray(Image.open(f).convert("RGB")).astype(int) + np.array(tint)
             Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(dest / f"{c}_{f.stem}.png")
     return dest
+
+
+def test_the_lab_profile_is_measured_on_a_seeded_draw_of_the_labs_cells(cells: Path, tmp_path: Path, monkeypatch) -> None:
+    paths = sorted(other_lab(cells, tmp_path / "lab", per_class=4).iterdir())
+    monkeypatch.setattr(run, "PROFILE_CELLS", 12)
+    profile, n = run.lab_profile(paths, seed=1)
+    assert profile.shape == (FEATURES,) and 0 < n <= 12  # the cells with a nucleus among the 12 drawn
+    assert torch.equal(run.lab_profile(paths, seed=1)[0], profile)
+    assert not torch.equal(run.lab_profile(paths, seed=2)[0], profile)
+    monkeypatch.setattr(run, "PROFILE_CELLS", 300)
+    assert run.lab_profile(paths, seed=1)[1] > 12  # fewer cells than the cap: every one
 
 
 def adapt(ckpt: Path, out: Path, *extra: str):
