@@ -164,16 +164,17 @@ def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) ->
             on_both = Adapted(model, source, both, test, pbc, bn, before_both, moments)
             for method in (m for m in args.transductive if backbone_step(METHODS[m]) == bn):
                 add(f"{method}/transductive", on_both, METHODS[method], np.full(len(both), -1), seed)
-        # which cells to label: ranked on the features of the checkpoint adapted without labels (the labelled
-        # method's BatchNorm step on the pool)
+        # which cells to label: what `leukonet.adapt.suggest n=<budget>` picks, on the features of the checkpoint
+        # adapted without labels (the labelled method's BatchNorm step on the pool)
         for labelled_method in args.labelled_methods:
             labelled_cfg = METHODS[labelled_method]
             free = adapted[backbone_step(labelled_cfg)]
-            ranked = rank(free.on, probabilities(free.model, free.on), len(pool), seed)
+            free_probs = probabilities(free.model, free.on)
             tuned = backbone_step(labelled_cfg, labelled=True)
             for k in args.ks:
                 budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
-                strategies = [("random", per_class(pool.labels, k, seed)), ("suggest", np.array(ranked[:budget]))]
+                strategies = [("random", per_class(pool.labels, k, seed)),
+                              ("suggest", np.array(rank(free.on, free_probs, budget, seed)))]
                 for strategy, chosen in strategies[:1] if budget == len(pool) else strategies:  # the whole pool: one row
                     labels = np.full(len(pool), -1)
                     labels[chosen] = pool.labels[chosen]
