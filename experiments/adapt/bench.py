@@ -12,8 +12,8 @@ together). Every row adapts a fresh copy of the checkpoint with ``leukonet.adapt
   adapted with ``--labelled-method``; a k that labels the whole pool (``--ks 100``) is one row, ``random``: what
   labelling every pool cell would buy.
 
-The label-free method recommended is the one with the highest mean balanced accuracy over both targets
-(inductive); ``--time-cli`` also times the command itself on 1,000 unlabelled cells and on a 10-a-class
+The label-free method recommended is the inductive one whose smaller gain over no adaptation, of the two
+targets, is the largest (``SELECTION``); ``--time-cli`` also times the command itself on 1,000 unlabelled cells and on a 10-a-class
 fine-tune. Numbers are means over ``--seeds``.
 
     python experiments/adapt/bench.py --ckpt outputs/adapt/source-short-seed0/checkpoints/last.ckpt --seeds 0 1 2 --time-cli
