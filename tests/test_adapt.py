@@ -176,6 +176,18 @@ def test_suggestions_cover_every_kind_of_cell() -> None:
     assert kind[picks[0]] == 0  # largest group first
 
 
+def test_suggestions_are_shared_over_the_predicted_classes() -> None:
+    rng = np.random.default_rng(0)
+    feats = torch.as_tensor(rng.normal(size=(100, 16)), dtype=torch.float32)
+    predicted = np.repeat(np.arange(5), [60, 25, 10, 3, 2])  # a lab's mix: one class far more common
+    probs = np.full((100, 5), 0.1)
+    probs[np.arange(100), predicted] = 0.6
+    picks = rank(feats, probs, 20)
+    assert len(set(picks)) == 20
+    assert np.bincount(predicted[picks], minlength=5).tolist() == [5, 5, 5, 3, 2]  # the rare ones all, the rest equally
+    assert predicted[picks[:5]].tolist() == [0, 1, 2, 3, 4]  # one of each class in turn, the most predicted first
+
+
 # -- the command ----------------------------------------------------------------------------------------------------
 
 

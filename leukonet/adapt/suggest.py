@@ -2,9 +2,10 @@
 target.root=DIR n=40`` writes ``to_label.csv`` (rank, path, the model's guess) and ``to_label.png`` (a contact
 sheet in that order) into the run directory.
 
-Diversity first, then uncertainty: the cells' features (of the checkpoint given, best one already adapted
-without labels) are grouped into ``n`` clusters (k-means on unit-length features), largest first; from each,
-the most uncertain (highest entropy) of the half of its cells nearest its centre. A few labels spread over
+Spread over the predicted classes, then diversity, then uncertainty: the budget is shared equally over the classes
+the model predicts; within each, the cells' features (of the checkpoint given, best one already adapted without
+labels) are grouped into as many clusters as it has picks (k-means on unit-length features), largest first; from
+each, the most uncertain (highest entropy) of the half of its cells nearest its centre. A few labels spread over
 every kind of cell the lab has teach more than many of one kind (Hacohen et al. 2022, "Active learning on a
 budget"), and within a kind, a cell the model hesitates on teaches more than one it already gets.
 Cells already in ``target.labels`` are left out. ``experiments/adapt/`` compares it with random picks.
@@ -13,6 +14,7 @@ Cells already in ``target.labels`` are left out. ``experiments/adapt/`` compares
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import hydra
@@ -30,8 +32,39 @@ from leukonet.train import CONF
 from leukonet.training.model import CellClassifier
 
 
+def quotas(counts: np.ndarray, n: int) -> np.ndarray:
+    """``n`` shared over classes as equally as their ``counts`` allow (what a class lacks goes to the others)."""
+    quota = np.zeros(len(counts), int)
+    while quota.sum() < min(n, counts.sum()):
+        open_ = np.flatnonzero(quota < counts)
+        share = max(1, (n - quota.sum()) // len(open_))
+        for c in open_[np.argsort(-(counts[open_] - quota[open_]), kind="stable")]:
+            if quota.sum() >= n:
+                break
+            quota[c] += min(share, counts[c] - quota[c])
+    return quota
+
+
 def rank(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[int]:
-    """Indices of ``n`` cells to label, in the order to label them."""
+    """Indices of ``n`` cells to label, in the order to label them: the budget shared equally over the classes the
+    model predicts (``quotas``), ``diverse_uncertain`` within each, then one of each class in turn (most predicted
+    first), so that any first few of the list still span the classes. Without the spread, clusters follow what the
+    model finds hard: 16-19 of BCCD's 41 picks were eosinophils, 4-6 lymphocytes (``experiments/adapt/probes/``);
+    spread, the picks beat random ones in accuracy on both labs."""
+    predicted = probs.argmax(1)
+    counts = np.bincount(predicted, minlength=probs.shape[1])
+    quota = quotas(counts, n)
+    per_class = []
+    for c in np.argsort(-counts, kind="stable"):
+        members = np.flatnonzero(predicted == c)
+        if quota[c]:
+            within = diverse_uncertain(feats[torch.as_tensor(members)], probs[members], int(quota[c]), seed)
+            per_class.append(members[within].tolist())
+    return [i for turn in itertools.zip_longest(*per_class) for i in turn if i is not None]
+
+
+def diverse_uncertain(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """Indices of ``n`` cells: one a k-means cluster (largest first), the most uncertain of its central half."""
     n = min(n, len(feats))
     x = torch.nn.functional.normalize(feats.float(), dim=1).numpy()
     kmeans = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(x)
