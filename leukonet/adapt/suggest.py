@@ -50,7 +50,7 @@ def rank(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[
     model predicts (``quotas``), ``diverse_uncertain`` within each, then one of each class in turn (most predicted
     first), so that any first few of the list still span the classes. Without the spread, clusters follow what the
     model finds hard: 16-19 of BCCD's 41 picks were eosinophils, 4-6 lymphocytes (``experiments/adapt/probes/``);
-    spread, the picks beat random ones in accuracy on both labs."""
+    spread, 10 a class beat random ones in accuracy on both labs (``experiments/adapt/full_suggest/``)."""
     predicted = probs.argmax(1)
     counts = np.bincount(predicted, minlength=probs.shape[1])
     quota = quotas(counts, n)
