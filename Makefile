@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install browser run demo test test-fast evaluate tensorboard clean
+.PHONY: install browser run demo test evaluate tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,10 @@ browser:
 	      || echo "could not install chromium: the browser test will be skipped"; fi; \
 	fi
 
+## the tests in parallel, a worker a core (pytest-xdist; tests/conftest.py gives each its share of torch threads),
+## idle workers taking queued tests from busy ones; ARGS="-n 0" runs them in one process
 test: install browser
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --dist worksteal $(ARGS)
 
 evaluate: install
 	$(PY) -m leukonet.evaluate $(ARGS)

@@ -135,24 +135,24 @@ def test_bench_fastai_in_two_calls(tmp_path):
 
 
 def test_stain_robustness_ablation_smoke(tmp_path, cells):
-    """Two variants, two seeds, on synthetic cells standing in for both domains, with the tiny model: the script
-    trains, scores both domains, and writes the keys issue 5 asks for (numbers here mean nothing)."""
+    """Two variants on synthetic cells standing in for both domains, with the tiny model: the script trains, scores
+    both domains, and writes the keys issue 5 asks for (numbers here mean nothing); a second seed's finished run,
+    copied from the first, is what the spread over seeds is summarised from."""
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "pbc-2500").symlink_to(cells)
     (data / "bccd-crops").symlink_to(cells)
     tiny = [o for o in TINY if "max_epochs" not in o and "progress" not in o]
-    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "1", "--work", str(tmp_path / "work"),
+    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "--work", str(tmp_path / "work"),
          "--out", str(tmp_path / "out"), "--override", *tiny, "callbacks.two_phase.phase1.max_epochs=1",
          "callbacks.two_phase.phase2.max_epochs=1", "model.pretrained=false", timeout=600)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(res["variants"]) == {"baseline", "reinhard"} and res["n_runs"] == 4
+    assert set(res["variants"]) == {"baseline", "reinhard"} and res["n_runs"] == 2
     for key in ("baseline", "recommended"):
         assert 0 <= res[key]["bccd"]["balanced_accuracy"] <= 1 and 0 <= res[key]["pbc_test"]["accuracy"] <= 1
     r = res["variants"]["reinhard"]
-    assert r["n_seeds"] == 2 and len(r["bccd"]["balanced_accuracy"]["values"]) == 2
-    assert r["bccd"]["balanced_accuracy"]["std"] is not None
+    assert r["n_seeds"] == 1 and r["bccd"]["balanced_accuracy"]["std"] is None
     assert res["recommended_variant"] in res["variants"]
     assert "model.stain_norm=reinhard" in res["overrides"]["reinhard"]
     md = (tmp_path / "out" / "results.md").read_text()
@@ -172,14 +172,25 @@ def test_stain_robustness_ablation_smoke(tmp_path, cells):
     assert res["variants"]["reinhard"]["bccd_d4"]["balanced_accuracy"]["values"] == [d4["balanced_accuracy"]]
     md = (tmp_path / "out2" / "results.md").read_text()
     assert "baseline not run here" in md and "BCCD d4 balanced acc %" in md
-    # --finished-only trains nothing: seed 5 was never run, so it is listed as not run and left out of the means
-    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "5", "--work",
+    # --finished-only trains nothing: seed 1 is a finished run (seed 0's, its BCCD score moved), summarised with seed 0;
+    # seed 5 was never run, so it is listed as not run and left out of the means
+    seed1 = tmp_path / "work" / "reinhard" / "seed1"
+    shutil.copytree(tmp_path / "work" / "reinhard" / "seed0", seed1)
+    bccd = json.loads((seed1 / "bccd" / "metrics.json").read_text())
+    first = bccd["balanced_accuracy"]
+    bccd["balanced_accuracy"] = 0.25 if first != 0.25 else 0.75
+    (seed1 / "bccd" / "metrics.json").write_text(json.dumps(bccd))
+    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "1", "5", "--work",
          str(tmp_path / "work"), "--out", str(tmp_path / "out3"), "--pbc-floor", "0", "--finished-only", timeout=120)
     assert not (tmp_path / "work" / "reinhard" / "seed5").exists() and log.stat().st_mtime_ns == written
     res = json.loads((tmp_path / "out3" / "results.json").read_text())
-    assert res["n_runs"] == 1 and res["not_run"] == ["reinhard seed 5"] and res["variants"]["reinhard"]["seeds"] == [0]
+    assert res["n_runs"] == 2 and res["not_run"] == ["reinhard seed 5"]
+    r = res["variants"]["reinhard"]
+    assert r["seeds"] == [0, 1] and r["bccd"]["balanced_accuracy"]["values"] == [first, bccd["balanced_accuracy"]]
+    assert r["bccd"]["balanced_accuracy"]["std"] > 0
     assert res["jobs"] is None  # this call ran nothing
-    assert "Not finished, left out: reinhard seed 5" in (tmp_path / "out3" / "results.md").read_text()
+    md = (tmp_path / "out3" / "results.md").read_text()
+    assert "Not finished, left out: reinhard seed 5" in md and " ± " in md
 
 
 def _variant(pbc: float, bccd: float, sd: float | None = None) -> dict:

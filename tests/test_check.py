@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_module
 from leukonet.classes import CLASSES
 from leukonet.data.check import NEAR_DISTANCE, leakage, main, run_checks
 from leukonet.data.folder import Entry, scan_folder
 from leukonet.data.manifest import write_manifest
 from leukonet.data.split import write_split
 from leukonet.data.synthetic import render_cell
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cell(label: str, i: int, size: int = 64) -> Image.Image:
@@ -115,9 +113,7 @@ def test_strict_passes_a_clean_tree(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "leukonet.data.check", *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    return run_module("leukonet.data.check", *args, timeout=120)
 
 
 def test_strict_exit_codes(tree: Path, tmp_path: Path) -> None:

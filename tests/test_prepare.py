@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import subprocess
-import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_module
 from leukonet.classes import CLASSES
 from leukonet.data import prepare
 from leukonet.data.datamodule import CellDataModule
@@ -130,10 +129,7 @@ def test_cli_names_the_file_whose_header_lacks_path_and_label(tmp_path: Path) ->
     table = tmp_path / "labels.csv"
     table.write_text("file,class\na.png,neutrophil\n")
     out = tmp_path / "m.csv"
-    done = subprocess.run(
-        [sys.executable, "-m", "leukonet.data.prepare", "csv", str(table), "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+    done = run_module("leukonet.data.prepare", "csv", str(table), "--out", str(out), timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: {table}: expected a header with columns path,label")
     assert "Traceback" not in done.stderr and not out.exists()

@@ -72,15 +72,9 @@ def test_offline_without_weights_stops_with_the_ways_out(monkeypatch: pytest.Mon
 
 
 def test_the_cli_prints_the_message_not_a_traceback(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+    from conftest import run_module
 
-    from conftest import REPO
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "leukonet.train", "+experiment=two_phase", f"hydra.run.dir={tmp_path}",
-         "model.weights_file=/nonexistent/resnet34.safetensors"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_module("leukonet.train", "+experiment=two_phase", f"hydra.run.dir={tmp_path}",
+                      "model.weights_file=/nonexistent/resnet34.safetensors", timeout=300)
     assert proc.returncode == 2
     assert "resnet34.safetensors does not exist" in proc.stderr and "Traceback" not in proc.stderr
