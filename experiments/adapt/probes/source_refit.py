@@ -1,0 +1,74 @@
+"""Why a head re-fit loses on another lab even before any of its cells joins: the head re-fitted on the training
+cells alone (no target cell), from their clean features (what ``leukonet.adapt.head`` trains on) or from views
+augmented as in training (the run's own ``data.augment``: rotation, crop, flips, perspective, colour, zoom 1-3x),
+scored on all of BCCD's cells (MIT). 150 steps of 128 cells, AdamW lr 1e-3, as the command's head fit.
+
+    python experiments/adapt/probes/source_refit.py outputs/adapt/source-short-seed0/checkpoints/last.ckpt   # source_refit.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+
+from bench import data_folder, labelled_cells, ood, probabilities, source_cells  # noqa: E402
+from leukonet.data.transforms import train_transform  # noqa: E402
+from leukonet.provenance import machine, portable_path  # noqa: E402
+from leukonet.training.model import CellClassifier  # noqa: E402
+
+
+def main() -> None:
+    ckpt = Path(sys.argv[1])
+    data = data_folder(Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    model = CellClassifier.from_checkpoint(ckpt)
+    size = model.hparams.image_size
+    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), ckpt, size)
+    bccd, _ = labelled_cells(data / "bccd-crops", size)
+    bccd_feats = ood.features(model, bccd.images)
+
+    def score(m) -> dict:
+        pred, y = probabilities(m, bccd_feats).argmax(1), bccd.labels
+        return {"accuracy": round(float((pred == y).mean()), 4),
+                "balanced_accuracy": round(float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])), 4)}
+
+    augment = train_transform(instantiate(OmegaConf.load(ckpt.resolve().parents[1] / ".hydra" / "config.yaml").data.augment), size)
+    random.seed(0)
+    np.random.seed(0)
+    views = torch.stack([augment(image=source.images[i].permute(1, 2, 0).numpy())["image"]
+                         for _ in range(4) for i in range(len(source))])
+    augmented = ood.features(model, views).clone()
+    clean, y = ood.features(model, source.images).clone(), torch.as_tensor(source.labels)
+    out = {"checkpoint": portable_path(ckpt), "machine": machine(), "bccd_cells": len(bccd),
+           "command": f"python experiments/adapt/probes/source_refit.py {portable_path(ckpt)}", "no_refit": score(model)}
+    for name, (x, t) in {"clean": (clean, y), "augmented_1_view": (augmented[: len(source)], y),
+                         "augmented_4_views": (augmented, y.repeat(4))}.items():
+        m = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(m.head.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
+        g = torch.Generator().manual_seed(0)
+        m.head.train()
+        for _ in range(150):
+            i = torch.randint(len(x), (128,), generator=g)
+            loss = F.cross_entropy(m.head(x[i]).float(), t[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        m.head.eval()
+        out[f"refit_{name}"] = score(m)
+        print(name, out[f"refit_{name}"], "no refit", out["no_refit"], flush=True)
+    (HERE / "source_refit.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
