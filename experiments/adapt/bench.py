@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,45 @@ def backbone_step(method: dict, labelled: bool = False) -> tuple[str, float | No
     objective = net.get("objective", "none")
     active = objective != "none" and (labelled or objective != "labels")
     return method["bn"], method.get("bn_center") if method["bn"] == "map" else None, json.dumps(net, sort_keys=True) if active else None
+
+
+def setting(ckpt: Path, data: Path) -> tuple[CellClassifier, Cells, Cells]:
+    """The checkpoint, 100 of its training cells a class (what the command adapts with) and PBC's test split."""
+    model = CellClassifier.from_checkpoint(ckpt)
+    size = model.hparams.image_size
+    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), ckpt, size)
+    pbc_test = read_split(ckpt.resolve().parents[1] / "split.csv")["test"]
+    return model, source, decode([(data / "pbc-2500" / e.path).resolve() for e in pbc_test], size, [e.label for e in pbc_test])
+
+
+def target_halves(data: Path, size: int, seeds) -> Iterator[tuple[str, int, Cells, Cells]]:
+    """Each lab, seed, adaptation pool and held-out half, as the rows use them (for the probes)."""
+    for name, folder in TARGETS.items():
+        root = data / folder
+        cells, entries = labelled_cells(root, size)
+        groups = duplicate_groups(root, entries)
+        for seed in seeds:
+            pool_i, test_i = halves(entries, root, seed, groups)
+            yield name, seed, cells.subset(pool_i), cells.subset(test_i)
+
+
+def write_probe(path: Path, ckpt: Path, seeds, rows: dict[str, dict[str, list[dict]]], started: float) -> None:
+    """A probe's rows (lab -> row -> one entry a seed) and their means into ``path`` with the command and the
+    machine; the means printed."""
+    table: dict[str, dict[str, dict]] = {}
+    for name, per in rows.items():
+        for key, rs in per.items():
+            v = {m: float(np.mean([r["target"][m] for r in rs])) for m in ("accuracy", "balanced_accuracy", "balanced_accuracy_10", "ece")}
+            v["pbc_test_accuracy"] = float(np.mean([r["pbc_test"]["accuracy"] for r in rs]))
+            if "picked_classes" in rs[0]:
+                v["picked_classes"] = np.mean([r["picked_classes"] for r in rs], 0).round(2).tolist()
+            table.setdefault(name, {})[key] = v
+            print(f"{name:12s} {key:24s} acc {100 * v['accuracy']:5.1f}  bal {100 * v['balanced_accuracy']:5.1f}  "
+                  f"bal10 {100 * v['balanced_accuracy_10']:5.1f}  PBC {100 * v['pbc_test_accuracy']:5.1f}  {v.get('picked_classes', '')}")
+    out = {"checkpoint": portable_path(ckpt), "seeds": list(seeds), "machine": machine(),
+           "command": portable_text(" ".join(["python", *sys.argv]), REPO),
+           "wall_s": round(time.perf_counter() - started, 1), "table": table, "rows": rows}
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def run_target(name: str, root: Path, model, source: Cells, pbc: Cells, args) -> dict:
@@ -268,17 +308,12 @@ def main() -> None:
         write(results, args.out)
         return
     started = time.perf_counter()
-    model = CellClassifier.from_checkpoint(args.ckpt)
-    size = model.hparams.image_size
-    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), args.ckpt, size)
-    run = args.ckpt.resolve().parents[1]
-    pbc_test = read_split(run / "split.csv")["test"]
-    pbc = decode([(data / "pbc-2500" / e.path).resolve() for e in pbc_test], size, [e.label for e in pbc_test])
+    model, source, pbc = setting(args.ckpt, data)
 
     table = {name: {k: summarise(v) for k, v in run_target(name, data / folder, model, source, pbc, args).items()}
              for name, folder in TARGETS.items()}
     results = {
-        "checkpoint": portable_path(args.ckpt), "budget": args.budget, "seeds": args.seeds, "image_size": size,
+        "checkpoint": portable_path(args.ckpt), "budget": args.budget, "seeds": args.seeds, "image_size": model.hparams.image_size,
         "command": portable_text(" ".join(["python", "experiments/adapt/bench.py", *sys.argv[1:]]), REPO),
         "machine": machine(), "wall_s": None, "rows": table,
     }

@@ -45,24 +45,6 @@ def quotas(counts: np.ndarray, n: int) -> np.ndarray:
     return quota
 
 
-def rank(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[int]:
-    """Indices of ``n`` cells to label, in the order to label them: the budget shared equally over the classes the
-    model predicts (``quotas``), ``diverse_uncertain`` within each, then one of each class in turn (most predicted
-    first), so that any first few of the list still span the classes. Without the spread, clusters follow what the
-    model finds hard: 16-19 of BCCD's 41 picks were eosinophils, 4-6 lymphocytes (``experiments/adapt/probes/``);
-    spread, 10 a class beat random ones in accuracy on both labs (``experiments/adapt/full_suggest/``)."""
-    predicted = probs.argmax(1)
-    counts = np.bincount(predicted, minlength=probs.shape[1])
-    quota = quotas(counts, n)
-    per_class = []
-    for c in np.argsort(-counts, kind="stable"):
-        members = np.flatnonzero(predicted == c)
-        if quota[c]:
-            within = diverse_uncertain(feats[torch.as_tensor(members)], probs[members], int(quota[c]), seed)
-            per_class.append(members[within].tolist())
-    return [i for turn in itertools.zip_longest(*per_class) for i in turn if i is not None]
-
-
 def diverse_uncertain(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[int]:
     """Indices of ``n`` cells: one a k-means cluster (largest first), the most uncertain of its central half."""
     n = min(n, len(feats))
@@ -77,6 +59,25 @@ def diverse_uncertain(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int 
         central = members[np.argsort(distance[members], kind="stable")][: max(1, (len(members) + 1) // 2)]
         picks.append(int(central[np.argmax(entropy[central])]))
     return picks
+
+
+def rank(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0, within=diverse_uncertain) -> list[int]:
+    """Indices of ``n`` cells to label, in the order to label them: the budget shared equally over the classes the
+    model predicts (``quotas``), ``within`` each (``diverse_uncertain``; ``experiments/adapt/probes/typical_picks.py``
+    tries the most typical cells), then one of each class in turn (most predicted first), so that any first few of the
+    list still span the classes. Without the spread, clusters follow what the
+    model finds hard: 16-19 of BCCD's 41 picks were eosinophils, 4-6 lymphocytes (``experiments/adapt/probes/``);
+    spread, 10 a class beat random ones in accuracy on both labs (``experiments/adapt/full_suggest/``)."""
+    predicted = probs.argmax(1)
+    counts = np.bincount(predicted, minlength=probs.shape[1])
+    quota = quotas(counts, n)
+    per_class = []
+    for c in np.argsort(-counts, kind="stable"):
+        members = np.flatnonzero(predicted == c)
+        if quota[c]:
+            picks = within(feats[torch.as_tensor(members)], probs[members], int(quota[c]), seed)
+            per_class.append(members[picks].tolist())
+    return [i for turn in itertools.zip_longest(*per_class) for i in turn if i is not None]
 
 
 def suggest(cfg: DictConfig) -> list[dict]:

@@ -23,7 +23,6 @@ held-out halves and picks (random k of each class; the command's ``rank``) as ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,19 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
-from bench import (METHODS, TARGETS, Adapted, backbone_step, data_folder, decode, duplicate_groups,  # noqa: E402
-                   halves, labelled_cells, ood, probabilities, read_split, source_cells)
+from bench import (METHODS, Adapted, backbone_step, data_folder, ood, probabilities, setting,  # noqa: E402
+                   target_halves, write_probe)
 from leukonet.adapt import head  # noqa: E402
 from leukonet.adapt.cells import per_class  # noqa: E402
 from leukonet.adapt.suggest import rank  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
-from leukonet.provenance import machine, portable_path  # noqa: E402
-from leukonet.training.model import CellClassifier  # noqa: E402
 
 
 def variant_fit(mode: str, anchor: float = 1.0):
@@ -95,54 +91,34 @@ def main() -> None:
     args = p.parse_args()
     ckpt, data, seeds, ks = args.ckpt, data_folder(args.data), (0, 1, 2), args.ks
     started = time.perf_counter()
-    model = CellClassifier.from_checkpoint(ckpt)
-    size = model.hparams.image_size
-    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), ckpt, size)
-    pbc_test = read_split(ckpt.resolve().parents[1] / "split.csv")["test"]
-    pbc = decode([(data / "pbc-2500" / e.path).resolve() for e in pbc_test], size, [e.label for e in pbc_test])
+    model, source, pbc = setting(ckpt, data)
     method = METHODS["finetune"]
     original = head._fit
     rows: dict[str, dict[str, list[dict]]] = {}
-    for name, folder in TARGETS.items():
-        root = data / folder
-        cells, entries = labelled_cells(root, size)
-        groups = duplicate_groups(root, entries)
-        for seed in seeds:
-            pool_i, test_i = halves(entries, root, seed, groups)
-            pool, test = cells.subset(pool_i), cells.subset(test_i)
-            free = Adapted(model, source, pool, test, pbc, backbone_step(method), probabilities(model, ood.features(model, pool.images)), {})
-            probs = probabilities(free.model, free.on)
-            rows.setdefault(name, {}).setdefault("none", []).append(free.row(method, np.full(len(pool), -1), seed))
-            for k in ks:
-                budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
-                for strategy, chosen in (("random", per_class(pool.labels, k, seed)), ("suggest", np.array(rank(free.on, probs, budget, seed)))):
-                    labels = np.full(len(pool), -1)
-                    labels[chosen] = pool.labels[chosen]
-                    tuned = backbone_step(method, labelled=True)  # from 30 labelled cells: every layer, as the command
-                    on = Adapted(model, source, pool, test, pbc, tuned, free.before, {}, labels, seed) if (labels >= 0).sum() >= 30 else free
-                    for variant in args.variants:
-                        fit = VARIANTS[variant]
-                        head._fit = fit or original
-                        try:
-                            row = on.row(method, labels, seed)
-                        finally:
-                            head._fit = original
-                        key = f"k{k}/{strategy}/{variant}"
-                        rows[name].setdefault(key, []).append(row)
-                        t = row["target"]
-                        print(f"{name} seed {seed} {key}: accuracy {t['accuracy']:.3f}, balanced {t['balanced_accuracy']:.3f}, "
-                              f"PBC {row['pbc_test']['accuracy']:.3f}", flush=True)
-    table = {name: {key: {m: float(np.mean([r["target"][m] for r in rs])) for m in ("accuracy", "balanced_accuracy", "balanced_accuracy_10", "ece")}
-                    | {"pbc_test_accuracy": float(np.mean([r["pbc_test"]["accuracy"] for r in rs]))}
-                    for key, rs in per.items()} for name, per in rows.items()}
-    out = {"checkpoint": portable_path(ckpt), "seeds": list(seeds), "machine": machine(),
-           "command": " ".join(["python", "experiments/adapt/probes/head_fit.py", portable_path(ckpt), *sys.argv[2:]]),
-           "wall_s": round(time.perf_counter() - started, 1), "table": table, "rows": rows}
-    (HERE / f"head_fit_k{'_'.join(map(str, ks))}.json").write_text(json.dumps(out, indent=2) + "\n")
-    for name, per in table.items():
-        for key, v in per.items():
-            print(f"{name:12s} {key:24s} acc {100 * v['accuracy']:5.1f}  bal {100 * v['balanced_accuracy']:5.1f}  "
-                  f"bal10 {100 * v['balanced_accuracy_10']:5.1f}  PBC {100 * v['pbc_test_accuracy']:5.1f}")
+    for name, seed, pool, test in target_halves(data, model.hparams.image_size, seeds):
+        free = Adapted(model, source, pool, test, pbc, backbone_step(method), probabilities(model, ood.features(model, pool.images)), {})
+        probs = probabilities(free.model, free.on)
+        rows.setdefault(name, {}).setdefault("none", []).append(free.row(method, np.full(len(pool), -1), seed))
+        for k in ks:
+            budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
+            for strategy, chosen in (("random", per_class(pool.labels, k, seed)), ("suggest", np.array(rank(free.on, probs, budget, seed)))):
+                labels = np.full(len(pool), -1)
+                labels[chosen] = pool.labels[chosen]
+                tuned = backbone_step(method, labelled=True)  # from 30 labelled cells: every layer, as the command
+                on = Adapted(model, source, pool, test, pbc, tuned, free.before, {}, labels, seed) if (labels >= 0).sum() >= 30 else free
+                for variant in args.variants:
+                    fit = VARIANTS[variant]
+                    head._fit = fit or original
+                    try:
+                        row = on.row(method, labels, seed)
+                    finally:
+                        head._fit = original
+                    key = f"k{k}/{strategy}/{variant}"
+                    rows[name].setdefault(key, []).append(row)
+                    t = row["target"]
+                    print(f"{name} seed {seed} {key}: accuracy {t['accuracy']:.3f}, balanced {t['balanced_accuracy']:.3f}, "
+                          f"PBC {row['pbc_test']['accuracy']:.3f}", flush=True)
+    write_probe(HERE / f"head_fit_k{'_'.join(map(str, ks))}.json", ckpt, seeds, rows, started)
 
 
 if __name__ == "__main__":

@@ -10,27 +10,22 @@ cells it re-fits only the head).
 
 from __future__ import annotations
 
-import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from sklearn.cluster import KMeans
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
-from bench import (METHODS, TARGETS, Adapted, backbone_step, data_folder, decode, duplicate_groups,  # noqa: E402
-                   halves, labelled_cells, ood, probabilities, read_split, source_cells)
+from bench import (METHODS, Adapted, backbone_step, data_folder, ood, probabilities, setting,  # noqa: E402
+                   target_halves, write_probe)
 from leukonet.adapt.cells import per_class  # noqa: E402
-from leukonet.adapt.suggest import diverse_uncertain, quotas, rank  # noqa: E402
+from leukonet.adapt.suggest import diverse_uncertain, rank  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
-from leukonet.provenance import machine, portable_path  # noqa: E402
-from leukonet.training.model import CellClassifier  # noqa: E402
 
 
 def most_typical(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) -> list[int]:
@@ -49,70 +44,36 @@ def most_typical(feats: torch.Tensor, probs: np.ndarray, n: int, seed: int = 0) 
     return picks
 
 
-def spread(within, feats: torch.Tensor, probs: np.ndarray, n: int, seed: int) -> list[int]:
-    """``rank``'s spread over predicted classes, with ``within`` choosing inside each class."""
-    predicted = probs.argmax(1)
-    counts = np.bincount(predicted, minlength=probs.shape[1])
-    quota = quotas(counts, n)
-    per = []
-    for c in np.argsort(-counts, kind="stable"):
-        members = np.flatnonzero(predicted == c)
-        if quota[c]:
-            per.append(members[within(feats[torch.as_tensor(members)], probs[members], int(quota[c]), seed)].tolist())
-    return [i for turn in itertools.zip_longest(*per) for i in turn if i is not None]
-
-
 def main() -> None:
     ckpt = Path(sys.argv[1])
     data = data_folder(Path(sys.argv[2]) if len(sys.argv) > 2 else None)
     seeds, ks = (0, 1, 2), (1, 3, 5)
     started = time.perf_counter()
-    model = CellClassifier.from_checkpoint(ckpt)
-    size = model.hparams.image_size
-    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), ckpt, size)
-    pbc_test = read_split(ckpt.resolve().parents[1] / "split.csv")["test"]
-    pbc = decode([(data / "pbc-2500" / e.path).resolve() for e in pbc_test], size, [e.label for e in pbc_test])
+    model, source, pbc = setting(ckpt, data)
     method = METHODS["finetune"]
     rows: dict[str, dict[str, list[dict]]] = {}
-    for name, folder in TARGETS.items():
-        root = data / folder
-        cells, entries = labelled_cells(root, size)
-        groups = duplicate_groups(root, entries)
-        for seed in seeds:
-            pool_i, test_i = halves(entries, root, seed, groups)
-            pool, test = cells.subset(pool_i), cells.subset(test_i)
-            free = Adapted(model, source, pool, test, pbc, backbone_step(method), probabilities(model, ood.features(model, pool.images)), {})
-            probs = probabilities(free.model, free.on)
-            for k in ks:
-                budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
-                picks = {"random": per_class(pool.labels, k, seed), "none": np.array([], int),
-                         "uncertain": np.array(rank(free.on, probs, budget, seed)),
-                         "typical": np.array(spread(most_typical, free.on, probs, budget, seed)),
-                         "uncertain_unspread": np.array(diverse_uncertain(free.on, probs, budget, seed))}
-                for strategy, chosen in picks.items():
-                    if strategy == "none" and k != ks[0]:
-                        continue
-                    labels = np.full(len(pool), -1)
-                    labels[chosen] = pool.labels[chosen]
-                    row = free.row(method, labels, seed)
-                    row["picked_classes"] = np.bincount(pool.labels[chosen], minlength=len(CLASSES)).tolist()
-                    key = "none" if strategy == "none" else f"k{k}/{strategy}"
-                    rows.setdefault(name, {}).setdefault(key, []).append(row)
-                    t = row["target"]
-                    print(f"{name} seed {seed} {key}: accuracy {t['accuracy']:.3f}, balanced {t['balanced_accuracy']:.3f}, "
-                          f"picked {row['picked_classes']}", flush=True)
-    table = {name: {key: {m: float(np.mean([r["target"][m] for r in rs])) for m in ("accuracy", "balanced_accuracy", "balanced_accuracy_10", "ece")}
-                    | {"pbc_test_accuracy": float(np.mean([r["pbc_test"]["accuracy"] for r in rs])),
-                       "picked_classes": np.mean([r["picked_classes"] for r in rs], 0).round(2).tolist()}
-                    for key, rs in per.items()} for name, per in rows.items()}
-    out = {"checkpoint": portable_path(ckpt), "seeds": list(seeds), "machine": machine(),
-           "command": f"python experiments/adapt/probes/typical_picks.py {portable_path(ckpt)}",
-           "wall_s": round(time.perf_counter() - started, 1), "table": table, "rows": rows}
-    (HERE / "typical_picks.json").write_text(json.dumps(out, indent=2) + "\n")
-    for name, per in table.items():
-        for key, v in per.items():
-            print(f"{name:12s} {key:24s} acc {100 * v['accuracy']:5.1f}  bal {100 * v['balanced_accuracy']:5.1f}  "
-                  f"bal10 {100 * v['balanced_accuracy_10']:5.1f}  picked {v['picked_classes']}")
+    for name, seed, pool, test in target_halves(data, model.hparams.image_size, seeds):
+        free = Adapted(model, source, pool, test, pbc, backbone_step(method), probabilities(model, ood.features(model, pool.images)), {})
+        probs = probabilities(free.model, free.on)
+        for k in ks:
+            budget = sum(min(k, int((pool.labels == c).sum())) for c in range(len(CLASSES)))
+            picks = {"random": per_class(pool.labels, k, seed), "none": np.array([], int),
+                     "uncertain": np.array(rank(free.on, probs, budget, seed)),
+                     "typical": np.array(rank(free.on, probs, budget, seed, within=most_typical)),
+                     "uncertain_unspread": np.array(diverse_uncertain(free.on, probs, budget, seed))}
+            for strategy, chosen in picks.items():
+                if strategy == "none" and k != ks[0]:
+                    continue
+                labels = np.full(len(pool), -1)
+                labels[chosen] = pool.labels[chosen]
+                row = free.row(method, labels, seed)
+                row["picked_classes"] = np.bincount(pool.labels[chosen], minlength=len(CLASSES)).tolist()
+                key = "none" if strategy == "none" else f"k{k}/{strategy}"
+                rows.setdefault(name, {}).setdefault(key, []).append(row)
+                t = row["target"]
+                print(f"{name} seed {seed} {key}: accuracy {t['accuracy']:.3f}, balanced {t['balanced_accuracy']:.3f}, "
+                      f"picked {row['picked_classes']}", flush=True)
+    write_probe(HERE / "typical_picks.json", ckpt, seeds, rows, started)
 
 
 if __name__ == "__main__":
