@@ -1,5 +1,5 @@
 """Under the fine-tuning floor the command re-fits only the head on a lab's few labelled cells. On the short-budget
-source every such row (1-5 a class, random or suggested) scored BCCD below no adaptation (``typical_picks.json``):
+source no such row (1-5 a class, random or suggested) reached BCCD's balanced accuracy without adaptation (``typical_picks.json``):
 the labelled cells fill half of every batch, so 5 cells weigh as much as the 500 training cells. Which head fit
 makes a few labels help, or at least not hurt? Variants of ``leukonet.adapt.head._fit`` patched in, same pools,
 held-out halves and picks (random k of each class; the command's ``rank``) as ``experiments/adapt/bench.py``:
@@ -12,7 +12,7 @@ held-out halves and picks (random k of each class; the command's ``rank``) as ``
 - ``steps30``: ``half`` with 30 steps instead of 150;
 - ``distill``: ``half``, the training cells taught the checkpoint's own answers (soft, KL: learning without
   forgetting, Li and Hoiem 2016) instead of their labels: a re-fit on their clean features alone moved the head off
-  what augmentation taught it (BCCD 64 -> 25 % accuracy with no target cell at all: ``source_refit.py``); ``distill_share``: with
+  what augmentation taught it (BCCD 64 -> 23 % accuracy with no target cell at all: ``source_refit.py``); ``distill_share``: with
   ``share``'s batches.
 
     python experiments/adapt/probes/head_fit.py outputs/adapt/source-short-seed0/checkpoints/last.ckpt

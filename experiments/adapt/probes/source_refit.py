@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -44,8 +43,7 @@ def main() -> None:
                 "balanced_accuracy": round(float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])), 4)}
 
     augment = train_transform(instantiate(OmegaConf.load(ckpt.resolve().parents[1] / ".hydra" / "config.yaml").data.augment), size)
-    random.seed(0)
-    np.random.seed(0)
+    augment.set_random_seed(0)  # albumentations' own generator: the views are the same every run
     views = torch.stack([augment(image=source.images[i].permute(1, 2, 0).numpy())["image"]
                          for _ in range(4) for i in range(len(source))])
     augmented = ood.features(model, views).clone()
@@ -57,6 +55,7 @@ def main() -> None:
         m = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(m.head.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
         g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)  # the head's dropout
         m.head.train()
         for _ in range(150):
             i = torch.randint(len(x), (128,), generator=g)
