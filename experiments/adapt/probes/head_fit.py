@@ -13,11 +13,14 @@ held-out halves and picks (random k of each class; the command's ``rank``) as ``
 - ``distill``: ``half``, the training cells taught the checkpoint's own answers (soft, KL: learning without
   forgetting, Li and Hoiem 2016) instead of their labels: a re-fit on their clean features alone moved the head off
   what augmentation taught it (BCCD 64 -> 23 % accuracy with no target cell at all: ``source_refit.py``); ``distill_share``: with
-  ``share``'s batches.
+  ``share``'s batches;
+- ``augsrc``: ``half`` with the training cells' features taken from one view of each augmented as in training
+  (``source_refit.augmented_features``) instead of their clean features; under the floor only (the network unchanged).
 
     python experiments/adapt/probes/head_fit.py outputs/adapt/source-short-seed0/checkpoints/last.ckpt
     # k = 10 (41 labelled: every layer fine-tuned first, as the command does; then each head fit)
     python experiments/adapt/probes/head_fit.py outputs/adapt/source-short-seed0/checkpoints/last.ckpt --ks 10 --variants half share distill
+    python experiments/adapt/probes/head_fit.py outputs/adapt/source-short-seed0/checkpoints/last.ckpt --variants half augsrc --out head_fit_augsrc.json
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from bench import (METHODS, Adapted, backbone_step, data_folder, ood, probabilities, setting,  # noqa: E402
                    target_halves, write_probe)
@@ -40,6 +43,7 @@ from leukonet.adapt import head  # noqa: E402
 from leukonet.adapt.cells import per_class  # noqa: E402
 from leukonet.adapt.suggest import rank  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
+from source_refit import augmented_features  # noqa: E402
 
 
 def variant_fit(mode: str, anchor: float = 1.0):
@@ -79,7 +83,7 @@ def variant_fit(mode: str, anchor: float = 1.0):
 
 
 VARIANTS = {"half": None, "share": variant_fit("share"), "anchor": variant_fit("anchor"), "steps30": variant_fit("steps30"),
-            "distill": variant_fit("distill"), "distill_share": variant_fit("distill_share")}
+            "distill": variant_fit("distill"), "distill_share": variant_fit("distill_share"), "augsrc": None}
 
 
 def main() -> None:
@@ -87,13 +91,15 @@ def main() -> None:
     p.add_argument("ckpt", type=Path)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "augsrc"], choices=list(VARIANTS))
+    p.add_argument("--out", default=None, help="the JSON's name (default head_fit_k<ks>.json)")
     args = p.parse_args()
     ckpt, data, seeds, ks = args.ckpt, data_folder(args.data), (0, 1, 2), args.ks
     started = time.perf_counter()
     model, source, pbc = setting(ckpt, data)
     method = METHODS["finetune"]
     original = head._fit
+    augmented = augmented_features(model, source, ckpt) if "augsrc" in args.variants else None
     rows: dict[str, dict[str, list[dict]]] = {}
     for name, seed, pool, test in target_halves(data, model.hparams.image_size, seeds):
         free = Adapted(model, source, pool, test, pbc, backbone_step(method), probabilities(model, ood.features(model, pool.images)), {})
@@ -107,18 +113,22 @@ def main() -> None:
                 tuned = backbone_step(method, labelled=True)  # from 30 labelled cells: every layer, as the command
                 on = Adapted(model, source, pool, test, pbc, tuned, free.before, {}, labels, seed) if (labels >= 0).sum() >= 30 else free
                 for variant in args.variants:
-                    fit = VARIANTS[variant]
+                    if variant == "augsrc" and on is not free:
+                        continue
+                    fit, clean = VARIANTS[variant], on.source
                     head._fit = fit or original
+                    if variant == "augsrc":
+                        on.source = (augmented, clean[1])
                     try:
                         row = on.row(method, labels, seed)
                     finally:
-                        head._fit = original
+                        head._fit, on.source = original, clean
                     key = f"k{k}/{strategy}/{variant}"
                     rows[name].setdefault(key, []).append(row)
                     t = row["target"]
                     print(f"{name} seed {seed} {key}: accuracy {t['accuracy']:.3f}, balanced {t['balanced_accuracy']:.3f}, "
                           f"PBC {row['pbc_test']['accuracy']:.3f}", flush=True)
-    write_probe(HERE / f"head_fit_k{'_'.join(map(str, ks))}.json", ckpt, seeds, rows, started)
+    write_probe(HERE / (args.out or f"head_fit_k{'_'.join(map(str, ks))}.json"), ckpt, seeds, rows, started)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,16 @@ from leukonet.provenance import machine, portable_path  # noqa: E402
 from leukonet.training.model import CellClassifier  # noqa: E402
 
 
+def augmented_features(model, source, ckpt: Path, views: int = 1) -> torch.Tensor:
+    """The training cells' features from ``views`` views of each (view-major), augmented as the checkpoint's run
+    trained (its ``data.augment``), seeded."""
+    config = OmegaConf.load(ckpt.resolve().parents[1] / ".hydra" / "config.yaml")
+    augment = train_transform(instantiate(config.data.augment), model.hparams.image_size)
+    augment.set_random_seed(0)  # albumentations' own generator: the views are the same every run
+    return ood.features(model, torch.stack([augment(image=im.permute(1, 2, 0).numpy())["image"]
+                                            for _ in range(views) for im in source.images])).clone()
+
+
 def main() -> None:
     ckpt = Path(sys.argv[1])
     data = data_folder(Path(sys.argv[2]) if len(sys.argv) > 2 else None)
@@ -42,11 +52,7 @@ def main() -> None:
         return {"accuracy": round(float((pred == y).mean()), 4),
                 "balanced_accuracy": round(float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])), 4)}
 
-    augment = train_transform(instantiate(OmegaConf.load(ckpt.resolve().parents[1] / ".hydra" / "config.yaml").data.augment), size)
-    augment.set_random_seed(0)  # albumentations' own generator: the views are the same every run
-    views = torch.stack([augment(image=source.images[i].permute(1, 2, 0).numpy())["image"]
-                         for _ in range(4) for i in range(len(source))])
-    augmented = ood.features(model, views).clone()
+    augmented = augmented_features(model, source, ckpt, views=4)
     clean, y = ood.features(model, source.images).clone(), torch.as_tensor(source.labels)
     out = {"checkpoint": portable_path(ckpt), "machine": machine(), "bccd_cells": len(bccd),
            "command": f"python experiments/adapt/probes/source_refit.py {portable_path(ckpt)}", "no_refit": score(model)}
