@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -22,10 +21,9 @@ from omegaconf import OmegaConf
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
-from bench import data_folder, labelled_cells, ood, probabilities, source_cells  # noqa: E402
+from bench import data_folder, labelled_cells, ood, scores, setting  # noqa: E402
 from leukonet.data.transforms import train_transform  # noqa: E402
 from leukonet.provenance import machine, portable_path  # noqa: E402
-from leukonet.training.model import CellClassifier  # noqa: E402
 
 
 def augmented_features(model, source, ckpt: Path, views: int = 1) -> torch.Tensor:
@@ -41,16 +39,13 @@ def augmented_features(model, source, ckpt: Path, views: int = 1) -> torch.Tenso
 def main() -> None:
     ckpt = Path(sys.argv[1])
     data = data_folder(Path(sys.argv[2]) if len(sys.argv) > 2 else None)
-    model = CellClassifier.from_checkpoint(ckpt)
-    size = model.hparams.image_size
-    source = source_cells(OmegaConf.create({"per_class": 100, "seed": 0}), ckpt, size)
-    bccd, _ = labelled_cells(data / "bccd-crops", size)
+    model, source, _ = setting(ckpt, data)
+    bccd, _ = labelled_cells(data / "bccd-crops", model.hparams.image_size)
     bccd_feats = ood.features(model, bccd.images)
 
     def score(m) -> dict:
-        pred, y = probabilities(m, bccd_feats).argmax(1), bccd.labels
-        return {"accuracy": round(float((pred == y).mean()), 4),
-                "balanced_accuracy": round(float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])), 4)}
+        s = scores(m, bccd_feats, bccd.labels)
+        return {k: round(s[k], 4) for k in ("accuracy", "balanced_accuracy")}
 
     augmented = augmented_features(model, source, ckpt, views=4)
     clean, y = ood.features(model, source.images).clone(), torch.as_tensor(source.labels)
