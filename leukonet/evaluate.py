@@ -19,7 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from leukonet.data.folder import load_rgb
 from leukonet.errors import DataError, exit_on_user_error
@@ -28,6 +28,7 @@ from leukonet.inference.cell_kind import CellKind
 from leukonet.inference.explain import explainer
 from leukonet.inference.report import confusion_table, write_report
 from leukonet.inference.tta import TTAPredictor, average, check_mode
+from leukonet.predict import wants_kind_check
 from leukonet.provenance import command, machine
 from leukonet.train import CONF
 from leukonet.training.model import CellClassifier
@@ -44,6 +45,8 @@ def evaluate(cfg: DictConfig) -> dict:
         tta = check_mode(cfg.get("tta"))
     except ValueError as err:
         raise DataError(str(err)) from err
+    with open_dict(cfg):  # auto resolved (and a bad value refused) before any work
+        cfg.kind_check = wants_kind_check(cfg.get("kind_check", "auto"), ckpt)
     model = CellClassifier.from_checkpoint(ckpt)
     if cfg.compile:
         model.backbone.compile()
@@ -101,8 +104,8 @@ def _evaluate_one(cfg: DictConfig, model: CellClassifier, ckpt: Path, tta: str, 
     what = "all images" if split == "all" else f"{split} split"
     paths = [str(datamodule.path_of(e)) for e in entries]
     check = {}
-    if cfg.get("kind_check", True) and not datamodule.is_synthetic:  # how many of these labelled leukocytes
-        # predict would leave out of the count (the check knows real cells only: drawings are not checked)
+    if cfg.kind_check and not datamodule.is_synthetic:  # how many of these labelled leukocytes predict would leave
+        # out of the count (the check knows real cells only: drawings are not checked)
         verdicts = ood.check_crops([load_rgb(p) for p in paths], CellKind())
         check = {"not_a_leukocyte": ood.summary(verdicts)}
     return write_report(

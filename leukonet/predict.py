@@ -185,12 +185,17 @@ def load_predictor(ckpt_path: str | Path, runtime: str = "torch", precision: str
     unless the checkpoint's run was trained on synthetic drawings, which that check, knowing real cells only,
     takes for anything but leukocytes)."""
     predictor = _load_predictor(ckpt_path, runtime, precision, tta)
-    if str(kind_check).lower() not in ("auto", "true", "false"):
-        raise DataError(f"kind_check must be auto, true or false, got {kind_check!r}")
-    use = trained_on_real_cells(ckpt_path) if str(kind_check).lower() == "auto" else str(kind_check).lower() == "true"
-    predictor.cell_kind = CellKind() if use else None
+    predictor.cell_kind = CellKind() if wants_kind_check(kind_check, ckpt_path) else None
     predictor.lab_profile = lab_profile(ckpt_path) if runtime == "torch" else None
     return predictor
+
+
+def wants_kind_check(kind_check: bool | str, ckpt_path: str | Path) -> bool:
+    """The ``kind_check`` setting of predict, serve and evaluate: true, false, or auto (true unless the checkpoint's
+    run trained on synthetic drawings, which the check, knowing real cells only, takes for anything but leukocytes)."""
+    if str(kind_check).lower() not in ("auto", "true", "false"):
+        raise DataError(f"kind_check must be auto, true or false, got {kind_check!r}")
+    return trained_on_real_cells(ckpt_path) if str(kind_check).lower() == "auto" else str(kind_check).lower() == "true"
 
 
 def trained_on_real_cells(ckpt_path: str | Path) -> bool:

@@ -154,3 +154,29 @@ def test_predict_leaves_flagged_inputs_out_of_the_count(trained_run: Path, cells
     assert summary["ood_check"].startswith("cell finder;") and summary["lab_profile"].startswith("none (kind_check")
     printed = " ".join(proc.stdout.split())  # rich wraps the title
     assert f"Differential count: {23 - flagged} cells" in printed and f"{flagged} inputs not leukocytes" in printed
+
+
+def test_evaluate_checks_the_kinds_of_cells_as_predict_does(trained_run: Path, cells: Path, tmp_path: Path) -> None:
+    """kind_check=auto (the default): a checkpoint trained on synthetic drawings gets no cell-kind check, as in
+    predict; true runs it on every image; anything else is refused before any work."""
+    from conftest import compose_cfg
+    from leukonet.errors import DataError
+    from leukonet.evaluate import evaluate
+
+    few = tmp_path / "few"
+    for c in CLASSES:
+        (few / c).mkdir(parents=True)
+        for p in sorted((cells / c).iterdir())[:2]:
+            shutil.copy(p, few / c / p.name)
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+
+    def run(name: str, *extra: str) -> dict:
+        return evaluate(compose_cfg("evaluate", [f"ckpt_path={ckpt}", f"data.root={few}", "data.num_workers=0",
+                                                 "precision=32-true", *extra], tmp_path / name))
+
+    assert "not_a_leukocyte" not in run("auto")
+    checked = run("true", "kind_check=true")["not_a_leukocyte"]
+    assert checked["checked"] == 10 and checked["flagged"] == sum(checked["by_reason"].values())
+    with pytest.raises(DataError, match="kind_check must be auto, true or false"):
+        run("bad", "kind_check=sometimes")
+    assert not (tmp_path / "bad").exists()
