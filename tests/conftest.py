@@ -76,10 +76,22 @@ TINY = [
 ]
 
 
-def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m module args...`` from the repository root, as on the command line: a new process each time,
-    forked from one that has done the imports (``forked_cli``), its exit code, stdout and stderr."""
-    return forked_cli.run(module, *args, cwd=REPO, timeout=timeout)
+    forked from one that has done the imports (``forked_cli``), its exit code, stdout and stderr; ``env``: its
+    environment (default: this process's)."""
+    return forked_cli.run(module, *args, cwd=REPO, timeout=timeout, env=env)
+
+
+def forked_script_run(cmd: list[str], log: Path, threads: int | None) -> None:
+    """Stands in for the experiment scripts' ``run(cmd, log, threads)`` (experiments/stain_robustness/ablation.py) when a
+    test calls a script's ``main`` in-process: the same ``python -m leukonet.<command> ...`` through ``run_module``,
+    without the 10-13 s of imports each fresh interpreter pays; its output in ``log``, a failure a SystemExit."""
+    assert cmd[1] == "-m" and threads is None, cmd
+    proc = run_module(cmd[2], *cmd[3:])
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="session")

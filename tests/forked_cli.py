@@ -35,20 +35,24 @@ def _main(module: str, args: list[str], cwd: str, env: dict[str, str], out: str,
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
     sys.argv = [module, *args]
-    sys.path.insert(0, cwd)  # as `python -m` puts the working directory first
+    # as `python -m` orders them: the working directory, then $PYTHONPATH's entries (the server was started without)
+    sys.path[:0] = [cwd, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
         logging.shutdown()
 
 
-def run(module: str, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Like ``subprocess.run([python, -m, module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)``."""
+def run(module: str, *args: str, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Like ``subprocess.run([python, -m, module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    timeout=timeout)``; ``env`` None: this process's environment."""
+    env = dict(os.environ if env is None else env)
     if _context is None:
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        child = _context.Process(target=_main, args=(module, list(args), str(cwd), dict(os.environ), str(out), str(err)))
+        child = _context.Process(target=_main, args=(module, list(args), str(cwd), env, str(out), str(err)))
         child.start()
         child.join(timeout)
         if child.exitcode is None:

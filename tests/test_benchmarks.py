@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, load_script
+from conftest import TINY, forked_script_run, load_script
 from leukonet.data.check import duplicate_groups
 from leukonet.data.folder import scan_folder
 from leukonet.data.synthetic import generate_dataset
@@ -134,63 +134,66 @@ def test_bench_fastai_in_two_calls(tmp_path):
     assert other.returncode != 0 and "choose another --work" in other.stderr
 
 
-def test_stain_robustness_ablation_smoke(tmp_path, cells):
-    """Two variants on synthetic cells standing in for both domains, with the tiny model: the script trains, scores
-    both domains, and writes the keys issue 5 asks for (numbers here mean nothing); a second seed's finished run,
-    copied from the first, is what the spread over seeds is summarised from."""
+def test_stain_robustness_ablation_smoke(tmp_path, cells, monkeypatch):
+    """One variant on synthetic cells standing in for both domains, with the tiny model: the script trains, scores
+    both domains, and writes the keys issue 5 asks for (numbers here mean nothing); a second call reuses the run and
+    adds test-time augmentation; a third summarises finished runs only, a second seed and a baseline copied from the
+    first (the baseline joins when no floor is given, and the floor is measured on it). ``main`` runs in-process, its
+    commands through the tests' forkserver (``conftest.forked_script_run``)."""
 
+    ablation = load_script(ABLATION)
+    monkeypatch.setattr(ablation, "run", forked_script_run)
     data = tmp_path / "data"
     data.mkdir()
     (data / "pbc-2500").symlink_to(cells)
     (data / "bccd-crops").symlink_to(cells)
     tiny = [o for o in TINY if "max_epochs" not in o and "progress" not in o]
-    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "--work", str(tmp_path / "work"),
-         "--out", str(tmp_path / "out"), "--override", *tiny, "callbacks.two_phase.phase1.max_epochs=1",
-         "callbacks.two_phase.phase2.max_epochs=1", "model.pretrained=false", timeout=600)
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(res["variants"]) == {"baseline", "reinhard"} and res["n_runs"] == 2
-    for key in ("baseline", "recommended"):
-        assert 0 <= res[key]["bccd"]["balanced_accuracy"] <= 1 and 0 <= res[key]["pbc_test"]["accuracy"] <= 1
+    common = ["--data", str(data), "--budget", "full", "--variants", "reinhard", "--work", str(tmp_path / "work")]
+    res = ablation.main([*common, "--seeds", "0", "--out", str(tmp_path / "out"), "--pbc-floor", "0", "--override", *tiny,
+                         "callbacks.two_phase.phase1.max_epochs=1", "callbacks.two_phase.phase2.max_epochs=1",
+                         "model.pretrained=false"])
+    assert set(res["variants"]) == {"reinhard"} and res["n_runs"] == 1 and res["baseline"] is None  # a floor given
+    assert 0 <= res["recommended"]["bccd"]["balanced_accuracy"] <= 1 and 0 <= res["recommended"]["pbc_test"]["accuracy"] <= 1
     r = res["variants"]["reinhard"]
-    assert r["n_seeds"] == 1 and r["bccd"]["balanced_accuracy"]["std"] is None
-    assert res["recommended_variant"] in res["variants"]
+    assert r["n_seeds"] == 1 and r["bccd"]["balanced_accuracy"]["std"] is None and res["recommended_variant"] == "reinhard"
     assert "model.stain_norm=reinhard" in res["overrides"]["reinhard"]
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "## Recommended" in md and "| reinhard |" in md
+    assert "## Recommended" in md and "| reinhard |" in md and "baseline not run here" in md
     assert "bccd_d4" not in r and "d4" not in md  # test-time augmentation only with --tta
-    # a second call reuses the finished runs instead of training again; with a floor given, no baseline is added;
-    # --tta scores the finished run's checkpoint on BCCD with d4 test-time augmentation as well
+    # a second call reuses the finished run instead of training again; --tta scores its checkpoint on BCCD with d4
+    # test-time augmentation as well
     log = tmp_path / "work" / "reinhard" / "seed0.train.log"
     written = log.stat().st_mtime_ns
-    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "--work", str(tmp_path / "work"),
-         "--out", str(tmp_path / "out2"), "--pbc-floor", "0", "--tta", "--override", *tiny, timeout=180)
+    res = ablation.main([*common, "--seeds", "0", "--out", str(tmp_path / "out2"), "--pbc-floor", "0", "--tta", "--override", *tiny])
     assert not list((tmp_path / "work").glob("*/*.interrupted-*")) and log.stat().st_mtime_ns == written
-    res = json.loads((tmp_path / "out2" / "results.json").read_text())
-    assert set(res["variants"]) == {"reinhard"} and res["baseline"] is None and res["recommended_variant"] == "reinhard"
+    assert set(res["variants"]) == {"reinhard"} and res["recommended_variant"] == "reinhard"
     d4 = json.loads((tmp_path / "work" / "reinhard" / "seed0" / "bccd_d4" / "metrics.json").read_text())
     assert res["runs"][0]["bccd_d4"]["balanced_accuracy"] == d4["balanced_accuracy"] and d4["tta"] == "d4"
     assert res["variants"]["reinhard"]["bccd_d4"]["balanced_accuracy"]["values"] == [d4["balanced_accuracy"]]
-    md = (tmp_path / "out2" / "results.md").read_text()
-    assert "baseline not run here" in md and "BCCD d4 balanced acc %" in md
+    assert "BCCD d4 balanced acc %" in (tmp_path / "out2" / "results.md").read_text()
     # --finished-only trains nothing: seed 1 is a finished run (seed 0's, its BCCD score moved), summarised with seed 0;
-    # seed 5 was never run, so it is listed as not run and left out of the means
+    # seed 5 was never run, so it is listed as not run and left out of the means; without --pbc-floor the baseline
+    # (here seed 0's run again) is added and the floor is its PBC accuracy less half a point
     seed1 = tmp_path / "work" / "reinhard" / "seed1"
     shutil.copytree(tmp_path / "work" / "reinhard" / "seed0", seed1)
+    shutil.copytree(tmp_path / "work" / "reinhard" / "seed0", tmp_path / "work" / "baseline" / "seed0")
     bccd = json.loads((seed1 / "bccd" / "metrics.json").read_text())
     first = bccd["balanced_accuracy"]
     bccd["balanced_accuracy"] = 0.25 if first != 0.25 else 0.75
     (seed1 / "bccd" / "metrics.json").write_text(json.dumps(bccd))
-    _run(str(ABLATION), "--data", str(data), "--budget", "full", "--variants", "reinhard", "--seeds", "0", "1", "5", "--work",
-         str(tmp_path / "work"), "--out", str(tmp_path / "out3"), "--pbc-floor", "0", "--finished-only", timeout=120)
+    res = ablation.main([*common, "--seeds", "0", "1", "5", "--out", str(tmp_path / "out3"), "--finished-only"])
     assert not (tmp_path / "work" / "reinhard" / "seed5").exists() and log.stat().st_mtime_ns == written
-    res = json.loads((tmp_path / "out3" / "results.json").read_text())
-    assert res["n_runs"] == 2 and res["not_run"] == ["reinhard seed 5"]
+    assert set(res["variants"]) == {"baseline", "reinhard"} and res["n_runs"] == 3
+    assert res["not_run"] == ["baseline seed 1", "baseline seed 5", "reinhard seed 5"]
+    assert res["pbc_floor"] == pytest.approx(res["baseline"]["pbc_test"]["accuracy"] - 0.005)
+    for key in ("baseline", "recommended"):
+        assert 0 <= res[key]["bccd"]["balanced_accuracy"] <= 1 and 0 <= res[key]["pbc_test"]["accuracy"] <= 1
     r = res["variants"]["reinhard"]
     assert r["seeds"] == [0, 1] and r["bccd"]["balanced_accuracy"]["values"] == [first, bccd["balanced_accuracy"]]
     assert r["bccd"]["balanced_accuracy"]["std"] > 0
     assert res["jobs"] is None  # this call ran nothing
     md = (tmp_path / "out3" / "results.md").read_text()
-    assert "Not finished, left out: reinhard seed 5" in md and " ± " in md
+    assert "Not finished, left out: baseline seed 1, baseline seed 5, reinhard seed 5" in md and " ± " in md
 
 
 def _variant(pbc: float, bccd: float, sd: float | None = None) -> dict:
@@ -301,14 +304,16 @@ def test_reframe_writes_centred_copies_and_the_split(tmp_path, cells) -> None:
         reframe.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
 
 
-def test_few_shot_trains_with_drawn_external_cells(tmp_path, trained_run, cells) -> None:
+def test_few_shot_trains_with_drawn_external_cells(tmp_path, trained_run, cells, monkeypatch) -> None:
     few = load_script(REPO / "experiments" / "stain_robustness" / "few_shot.py")
+    monkeypatch.setattr(few, "run", forked_script_run)  # its commands through the tests' forkserver
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "pbc-2500").symlink_to(cells)
     generate_dataset(tmp_path / "data" / "bccd-crops", n_per_class=10, size=48, seed=1)  # other cells: none leaks
     res = few.main(["--data", str(tmp_path / "data"), "--k", "3", "--repeat", "2", "--seeds", "0",
                     "--reference", str(trained_run / "checkpoints" / "last.ckpt"), "--work", str(tmp_path / "work"),
-                    "--out", str(tmp_path / "out"), "--override", *(o for o in TINY if "progress_bar" not in o)])
+                    "--out", str(tmp_path / "out"), "--override", *(o for o in TINY if "progress_bar" not in o and "max_epochs" not in o),
+                    "callbacks.two_phase.phase1.max_epochs=1", "callbacks.two_phase.phase2.max_epochs=1"])
     run = res["runs"][0]
     assert all(n == 3 for n in run["bccd_cells"]["train"].values()) and all(n == 7 for n in run["bccd_cells"]["test"].values())
     manifest = (tmp_path / "work" / "seed0" / "manifest.csv").read_text().splitlines()

@@ -156,12 +156,13 @@ def test_old_checkpoints_load_with_temperature_one(trained_run: Path, cells: Pat
     torch.save(ckpt, tmp_path / "old.ckpt")
     model = CellClassifier.from_checkpoint(tmp_path / "old.ckpt")
     assert float(model.temperature) == 1.0 and model.chosen_review_threshold() is None
+    # kind_check=false: the copied checkpoint has no run beside it to say it trained on drawings (that check: test_ood.py)
     cfg = compose_cfg("predict", [f"ckpt_path={tmp_path / 'old.ckpt'}", f"input={cells / 'basophil'}",
-                                  "fields=false", "precision=32-true", "progress=false"], tmp_path / "predict")
+                                  "fields=false", "precision=32-true", "progress=false", "kind_check=false"], tmp_path / "predict")
     summary = predict(cfg)
     assert summary["review_threshold"] == 0.9 and summary["temperature"] == 1.0
     cfg = compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'old.ckpt'}", f"data.root={cells}", "data.num_workers=0",
-                                   "precision=32-true"], tmp_path / "eval")
+                                   "precision=32-true", "kind_check=false"], tmp_path / "eval")
     metrics = evaluate(cfg)
     assert metrics["temperature"] == 1.0 and metrics["review_threshold"] is None
     assert metrics["ece_before"] == pytest.approx(metrics["ece_after"], abs=1e-5)

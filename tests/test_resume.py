@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_module
 from leukonet.training.model import CellClassifier
 
 pytestmark = pytest.mark.slow
@@ -28,10 +27,8 @@ SAME = ("n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusio
 
 
 def _train(run_dir: Path, data: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "leukonet.train", *RUN, f"data.root={data}", f"hydra.run.dir={run_dir}", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
-    )
+    """``python -m leukonet.train``: each run a new process (``run_module``), as a user's runs are."""
+    return run_module("leukonet.train", *RUN, f"data.root={data}", f"hydra.run.dir={run_dir}", *extra, env=env)
 
 
 def _history(run_dir: Path) -> list[dict]:
