@@ -372,7 +372,7 @@ def test_adapt_bench_recommends_what_holds_on_every_lab() -> None:
     bench = load_script(REPO / "experiments" / "adapt" / "bench.py")
 
     def row(bal: float, bal10: float = 0.5) -> dict:
-        return {"balanced_accuracy": bal, "balanced_accuracy_10": bal10, "pbc_test_accuracy": 0.9}
+        return {"accuracy": bal, "balanced_accuracy": bal, "balanced_accuracy_10": bal10, "pbc_test_accuracy": 0.9}
 
     table = {t: {"none": row(0.6), "swing/inductive": row(0.3 if t == "bccd" else 0.95),  # best mean, ruins one lab
                  "steady/inductive": row(0.58),
@@ -385,3 +385,10 @@ def test_adapt_bench_recommends_what_holds_on_every_lab() -> None:
     assert list(chosen["k100"]) == ["random"] and chosen["k100"]["random"]["bccd"] is table["bccd"]["k100/random/net"]
     only_none = {t: {k: v for k, v in rows.items() if "/inductive" not in k} for t, rows in table.items()}
     assert bench.choose(only_none)["best_unsupervised"]["method"] == "none"  # no label-free row run: none is the one
+    # --ks 100 alone: one lab's pool labelled whole (no suggested row), the other's all but a few (both rows); the
+    # choice falls back to the random rows every lab has, and the results page says so
+    ceiling = {t: {"none": row(0.6), "k100/random/net": row(0.9)} for t in bench.TARGETS}
+    ceiling["bccd"]["k100/suggest/net"] = row(0.95)
+    chosen = bench.choose(ceiling)
+    assert chosen["labelled_method"] == "net" and list(chosen["k100"]) == ["random"]
+    assert "100 a class, random:" in "\n".join(bench.recommendation(chosen))

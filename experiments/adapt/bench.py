@@ -344,11 +344,13 @@ def choose(table: dict) -> dict:
     row = lambda m: "none" if m == "none" else f"{m}/inductive"  # noqa: E731
     best = max([k.split("/")[0] for k in rows if k.endswith("/inductive")] or ["none"], key=lambda m: gain(row(m)))
     ks = sorted({int(k.split("/")[0][1:]) for k in rows if k.startswith("k") and "/" in k})
-    suggested = [k for k in ks if any(key.startswith(f"k{k}/suggest/") for key in rows)]
-    top = 10 if 10 in suggested else suggested[-1]
+    # a lab whose whole pool is labelled at k has no suggested row there (random and suggested are the same cells)
+    in_all = lambda key: all(key in table[t] for t in TARGETS)  # noqa: E731
+    suggested = [k for k in ks if any(key.startswith(f"k{k}/suggest/") and in_all(key) for key in rows)]
+    top, picks = (10 if 10 in suggested else suggested[-1], "suggest") if suggested else (ks[-1], "random")
     both = lambda key, metric: statistics.mean(table[t][key][metric] for t in TARGETS)  # noqa: E731
-    labelled = max((k.split("/")[2] for k in rows if k.startswith(f"k{top}/suggest/")),
-                   key=lambda m: both(f"k{top}/suggest/{m}", "balanced_accuracy_10"))
+    labelled = max((k.split("/")[2] for k in rows if k.startswith(f"k{top}/{picks}/") and in_all(k)),
+                   key=lambda m: both(f"k{top}/{picks}/{m}", "balanced_accuracy_10"))
     return {
         "selection": SELECTION,
         "no_adaptation": {t: table[t]["none"] for t in TARGETS},
@@ -356,7 +358,7 @@ def choose(table: dict) -> dict:
                               "pbc_test": {"accuracy": both(row(best), "pbc_test_accuracy")}},
         "labelled_method": labelled,
         **{f"k{k}": {s: {t: table[t][f"k{k}/{s}/{labelled}"] for t in TARGETS} for s in ("random", "suggest")
-                     if f"k{k}/{s}/{labelled}" in rows} for k in ks},
+                     if in_all(f"k{k}/{s}/{labelled}")} for k in ks},
     }
 
 
@@ -380,8 +382,13 @@ def recommendation(r: dict) -> list[str]:
                    + b["method"] + "`: " + ", ".join(f"{t} {100 * g:+.1f} points" for t, g in gains.items())
                    + " of balanced accuracy); adapt a lab's model with its labelled cells, and use the label-free "
                      "report only for the class mix it estimates.")
-    k = "k10" if "k10" in r else max((key for key in r if key.startswith("k") and key[1:].isdigit() and "suggest" in r[key]),
-                                     key=lambda x: int(x[1:]))
+    with_suggested = [key for key in r if key.startswith("k") and key[1:].isdigit() and "suggest" in r[key]]
+    if not with_suggested:  # every k labelled a whole pool somewhere: no suggested row on both labs
+        k = max((key for key in r if key.startswith("k") and key[1:].isdigit()), key=lambda x: int(x[1:]))
+        out.append(f"- With labels: `method={r['labelled_method']} target.labels=...` ({k[1:]} a class, random: " + ", ".join(
+            f"{t} {pct(r['no_adaptation'][t]['accuracy'])} -> {pct(r[k]['random'][t]['accuracy'])} % accuracy" for t in targets) + ").")
+        return out
+    k = "k10" if "k10" in with_suggested else max(with_suggested, key=lambda x: int(x[1:]))
     wins = {t: r[k]["suggest"][t]["accuracy"] - r[k]["random"][t]["accuracy"] for t in targets}
     out.append(f"- With labels: `method={r['labelled_method']} target.labels=...`, the cells to label from "
                f"`leukonet.adapt.suggest` ({k[1:]} a class: " + ", ".join(
@@ -402,30 +409,35 @@ def markdown(r: dict) -> str:
              "BCCD crops (MIT) and cellavision-100 (Zheng et al., Micron 2018), each split per seed into an adaptation "
              f"pool and a held-out half; means over seeds {r['seeds']}. Held-out numbers in %; bal. = balanced accuracy "
              f"(bal.10: classes with at least {MIN_SUPPORT} test cells); PBC = the adapted model on PBC's test split.", "",
-             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}; total {r['wall_s']} s", ""]
+             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}"
+             + ("" if r.get("wall_s") is None else f"; total {r['wall_s']} s"), ""]
     header = "| row | " + " | ".join(f"{t} acc | {t} bal. | {t} bal.10 | {t} F1 | {t} ECE | {t} PBC" for t in targets) + " | s |"
     lines += ["## Every row", "", header, "|---|" + "---:|" * (6 * len(targets) + 1)]
-    for key in r["rows"][targets[0]]:
+    keys = list(dict.fromkeys(key for t in targets for key in r["rows"][t]))  # a lab without a row: dashes
+    for key in keys:
         cells = []
         for t in targets:
-            s = r["rows"][t][key]
-            cells += [pct(s["accuracy"]), f"{pct(s['balanced_accuracy'])} ± {pct(s['balanced_accuracy_sd'])}",
-                      pct(s["balanced_accuracy_10"]), pct(s["macro_f1"]), f"{s['ece']:.3f}", pct(s["pbc_test_accuracy"])]
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {r['rows'][targets[0]][key]['wall_s']:.0f} |")
+            s = r["rows"][t].get(key)
+            cells += ["—"] * 6 if s is None else [
+                pct(s["accuracy"]), f"{pct(s['balanced_accuracy'])} ± {pct(s['balanced_accuracy_sd'])}",
+                pct(s["balanced_accuracy_10"]), pct(s["macro_f1"]), f"{s['ece']:.3f}", pct(s["pbc_test_accuracy"])]
+        seconds = max(r["rows"][t][key]["wall_s"] for t in targets if key in r["rows"][t])
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     lines += ["", "## Recall per class (held-out)", "", "| row | target | " + " | ".join(CLASSES) + " |",
               "|---|---|" + "---:|" * len(CLASSES)]
-    for key in r["rows"][targets[0]]:
-        for t in targets:
+    for key in keys:
+        for t in (t for t in targets if key in r["rows"][t]):
             lines.append(f"| {key} | {t} | " + " | ".join(pct(r["rows"][t][key]["recall"][c]) for c in CLASSES) + " |")
     lines += ["", "## Calibration after adaptation (held-out)", "",
               "Temperature and review threshold: refitted on the lab's labelled cells from 25 on (k = 10 at BCCD: 41 "
               "cells; they also trained the head), else the checkpoint's own, fitted on PBC validation.", "",
               "| row | " + " | ".join(f"{t} ECE | {t} coverage | {t} acc. of retained" for t in targets) + " |",
               "|---|" + "---:|" * (3 * len(targets))]
-    for key in r["rows"][targets[0]]:
+    for key in keys:
         lines.append(f"| {key} | " + " | ".join(
-            f"{r['rows'][t][key]['ece']:.3f} | {pct(r['rows'][t][key]['coverage_at_threshold'])} | "
-            f"{pct(r['rows'][t][key]['accuracy_of_retained'])}" for t in targets) + " |")
+            "— | — | —" if key not in r["rows"][t] else f"{r['rows'][t][key]['ece']:.3f} | "
+            f"{pct(r['rows'][t][key]['coverage_at_threshold'])} | {pct(r['rows'][t][key]['accuracy_of_retained'])}"
+            for t in targets) + " |")
     b = r["best_unsupervised"]
     lines += ["", "## Summary", "",
               f"- Without labels, the method chosen (rules below) is **{b['method']}**: "
@@ -437,7 +449,7 @@ def markdown(r: dict) -> str:
         lines.append(f"- {k[1:]} labelled cells a class (`{r['labelled_method']}`): "
                      + "; ".join(t + ",".join(f" {s} {pct(r[k][s][t]['accuracy'])} % / {pct(r[k][s][t]['balanced_accuracy'])} % bal."
                                                for s in ("random", "suggest") if s in r[k]) for t in targets)
-                     + ("" if "suggest" in r[k] else " (the whole adaptation pool labelled: the ceiling of labelling more)"))
+                     + ("" if "suggest" in r[k] else " (a lab's whole pool labelled: no suggested row on both labs)"))
     lines += ["", "## Recommendation (chosen on both targets together)", "",
               f"Rules: without labels, {r['selection']['label_free']}; with labels, {r['selection']['labelled']}.", "",
               *recommendation(r)]
