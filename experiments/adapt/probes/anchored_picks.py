@@ -18,15 +18,11 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parents[2]), str(HERE.parents[1] / "stain_robustness")]
+sys.path[:0] = [str(HERE.parent)]
 
-from ablation import data_folder  # noqa: E402
-from bench import TARGETS, halves, labelled_cells  # noqa: E402
-from leukonet.adapt.run import probabilities  # noqa: E402
+from bench import data_folder, ood, probabilities, target_halves  # noqa: E402
 from leukonet.adapt.suggest import diverse_uncertain, rank  # noqa: E402
 from leukonet.classes import CLASSES  # noqa: E402
-from leukonet.data.check import duplicate_groups  # noqa: E402
-from leukonet.inference import ood  # noqa: E402
 from leukonet.provenance import machine, portable_path  # noqa: E402
 from leukonet.training.model import CellClassifier  # noqa: E402
 
@@ -46,22 +42,16 @@ def main() -> None:
     model = CellClassifier.from_checkpoint(ckpt)
     out = {"checkpoint": portable_path(ckpt), "machine": machine(), "classes": list(CLASSES), "labs": {},
            "command": f"python experiments/adapt/probes/anchored_picks.py {portable_path(ckpt)}"}
-    for lab, folder in TARGETS.items():
-        cells, entries = labelled_cells(data / folder, model.hparams.image_size)
-        feats = ood.features(model, cells.images)
-        groups = duplicate_groups(data / folder, entries)
-        rows = []
-        for seed in (0, 1, 2):
-            pool_i, _ = halves(entries, data / folder, seed, groups)
-            y, f = cells.labels[pool_i], feats[pool_i]
-            probs = probabilities(model, f)
-            for k in (5, 10):
-                budget = sum(min(k, int((y == c).sum())) for c in range(len(CLASSES)))
-                rows.append({"seed": seed, "k": k, "pool": np.bincount(y, minlength=5).tolist(),
-                             "uncertain": np.bincount(y[rank(f, probs, budget, seed)], minlength=5).tolist(),
-                             "anchored": np.bincount(y[rank(f, probs, budget, seed, within=anchored)], minlength=5).tolist()})
-                print(lab, rows[-1], flush=True)
-        out["labs"][lab] = rows
+    for lab, seed, pool, _ in target_halves(data, model.hparams.image_size, (0, 1, 2)):
+        y, f = pool.labels, ood.features(model, pool.images)
+        probs = probabilities(model, f)
+        for k in (5, 10):
+            budget = sum(min(k, int((y == c).sum())) for c in range(len(CLASSES)))
+            out["labs"].setdefault(lab, []).append({
+                "seed": seed, "k": k, "pool": np.bincount(y, minlength=5).tolist(),
+                "uncertain": np.bincount(y[rank(f, probs, budget, seed)], minlength=5).tolist(),
+                "anchored": np.bincount(y[rank(f, probs, budget, seed, within=anchored)], minlength=5).tolist()})
+            print(lab, out["labs"][lab][-1], flush=True)
     HERE.joinpath("anchored_picks.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
