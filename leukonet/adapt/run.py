@@ -230,7 +230,7 @@ def write_report(out_dir: Path, summary: dict) -> None:
              f"- mean confidence: {summary['mean_confidence_before']:.3f} before, {summary['mean_confidence_after']:.3f} after",
              f"- class mix correction (EM estimate applied to the posteriors): {'yes' if summary['prior_applied'] else 'no, reported only'}",
              f"- calibration: temperature {cal['temperature']:.3g}, review threshold "
-             f"{cal['review_threshold'] if cal['review_threshold'] is None else round(cal['review_threshold'], 4)}; "
+             f"{cal['review_threshold'] if cal['review_threshold'] is None else format(cal['review_threshold'], '.7g')}; "
              + (f"refitted on {cal['refitted_on']}" if cal["refitted_on"] else cal["note"]),
              f"- not-a-leukocyte threshold: {summary['ood_threshold']['from']}",
              f"- whole network: {network_line(summary.get('network') or {})}",
