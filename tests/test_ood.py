@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import run_module
+from conftest import compose_cfg, run_module
 from leukonet.classes import CLASSES
 from leukonet.data import synthetic as syn
 from leukonet.data.cells import _red_cell_tile
+from leukonet.errors import DataError
+from leukonet.evaluate import evaluate
 from leukonet.inference import ood
 from leukonet.inference.cell_kind import CellKind
 from leukonet.predict import Cell, Predictor, assess
@@ -159,10 +161,6 @@ def test_predict_leaves_flagged_inputs_out_of_the_count(trained_run: Path, cells
 def test_evaluate_checks_the_kinds_of_cells_as_predict_does(trained_run: Path, cells: Path, tmp_path: Path) -> None:
     """kind_check=auto (the default): a checkpoint trained on synthetic drawings gets no cell-kind check, as in
     predict; true runs it on every image; anything else is refused before any work."""
-    from conftest import compose_cfg
-    from leukonet.errors import DataError
-    from leukonet.evaluate import evaluate
-
     few = tmp_path / "few"
     for c in CLASSES:
         (few / c).mkdir(parents=True)
